@@ -1,0 +1,62 @@
+"""LongAlign Text Encode: a prompt of any length as sentence segments, one CONDITIONING."""
+from __future__ import annotations
+
+from ..training.encode import SegmentOptions, encode_long_prompts
+from .comfy_clip import ComfyClipBackend
+
+
+def encode_prompt(clip, text: str, options: SegmentOptions):
+    """The node's whole job, callable without ComfyUI's executor (tests, other nodes)."""
+    if clip is None:
+        raise ValueError(
+            "LongAlign Text Encode: the clip input is None; the checkpoint has no text encoder "
+            "(load one with a CLIP loader node)"
+        )
+    result = encode_long_prompts([text], ComfyClipBackend(clip), options)
+    extras = {} if result.pooled is None else {"pooled_output": result.pooled}
+    return [[result.cond, extras]], result
+
+
+class LongAlignTextEncode:
+    """Splits the prompt into sentences, encodes each sentence as its own CLIP window in one batch,
+    keeps every segment's BOS and content tokens (drops EOS and padding), concatenates them and
+    pads to ``token_length`` with the mean padding embedding (LongAlign, Liu et al. 2024).
+
+    Differs from the stock CLIP Text Encode, which cuts long prompts into 77-token windows at
+    exactly 75 tokens (mid-sentence) and keeps each window's EOS and padding rows.
+    """
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "clip": ("CLIP", {"tooltip": "An SD1.x, SD2.x or SDXL CLIP."}),
+                "text": ("STRING", {"multiline": True, "dynamicPrompts": True,
+                                    "tooltip": "A prompt of any length; (word:1.2) and embedding: work as usual."}),
+                "split": (["sentences", "native"], {
+                    "default": "sentences",
+                    "tooltip": "sentences: LongAlign segments. native: ComfyUI's own 77-token windows "
+                               "(with token_length 0 this is exactly the stock CLIP Text Encode)."}),
+                "token_length": ("INT", {
+                    "default": 240, "min": 0, "max": 8192, "step": 1,
+                    "tooltip": "L: conditioning length in tokens (paper: 240). Longer text is cut, "
+                               "shorter text padded. 0 keeps the natural length."}),
+                "pad": (["mean", "none"], {
+                    "default": "mean",
+                    "tooltip": "mean: pad to L with the average padding embedding (paper). none: never pad."}),
+                "keep_bos": ("BOOLEAN", {
+                    "default": True,
+                    "tooltip": "Every segment keeps its BOS token (paper). Off: only the first segment's."}),
+            }
+        }
+
+    RETURN_TYPES = ("CONDITIONING",)
+    OUTPUT_TOOLTIPS = ("Conditioning for any sampler: (1, L, D) segment embeddings.",)
+    FUNCTION = "encode"
+    CATEGORY = "conditioning/longalign"
+    DESCRIPTION = __doc__
+
+    def encode(self, clip, text, split, token_length, pad, keep_bos):
+        options = SegmentOptions(split=split, token_length=token_length, pad=pad, keep_bos=keep_bos)
+        conditioning, _ = encode_prompt(clip, text, options)
+        return (conditioning,)

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Runs the whole test suite in the test environment (built or reused by tests/comfy_env.sh).
+#   bash scripts/test.sh [pytest args...]
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+env_root="$(bash "$here/tests/comfy_env.sh" | tail -n 1)"
+export LONGALIGN_COMFYUI="$env_root/comfyui"
+cd "$here"
+exec "$env_root/venv/bin/python" -m pytest tests "$@"

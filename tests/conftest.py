@@ -1,0 +1,108 @@
+"""Shared fixtures: a real ComfyUI (in-process and as a server) and tiny models, built once.
+
+The ComfyUI source tree comes from ``LONGALIGN_COMFYUI`` (``scripts/test.sh`` sets it from
+``tests/comfy_env.sh``). Generated models are cached in ``LONGALIGN_TINY_CACHE``
+(default ``~/.cache/comfyui-longalign/tiny``).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PACK_NAME = "ComfyUI-LongAlign"
+if REPO not in sys.path:
+    sys.path.append(REPO)  # after ComfyUI: the pack's nodes/ must never shadow ComfyUI's nodes.py
+
+
+def comfyui_dir() -> str:
+    path = os.environ.get("LONGALIGN_COMFYUI", "")
+    if not os.path.isfile(os.path.join(path, "main.py")):
+        raise RuntimeError(
+            "LONGALIGN_COMFYUI must point at a ComfyUI source tree (main.py); run the tests with "
+            "`bash scripts/test.sh`, which builds one"
+        )
+    return path
+
+
+def tiny_cache_dir() -> str:
+    path = os.environ.get("LONGALIGN_TINY_CACHE", os.path.expanduser("~/.cache/comfyui-longalign/tiny"))
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def comfy():
+    """ComfyUI imported in-process on the CPU; returns its folder."""
+    root = comfyui_dir()
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = True
+    import comfy.model_management  # noqa: F401  (reads args.cpu)
+    import utils.extra_config  # noqa: F401  (before `nodes`: see COMFYUI-NOTES)
+    return root
+
+
+@pytest.fixture(scope="session")
+def pack(comfy):
+    """The pack imported the way ComfyUI imports it: as a package from its folder."""
+    spec = importlib.util.spec_from_file_location(
+        "comfyui_longalign", os.path.join(REPO, "__init__.py"), submodule_search_locations=[REPO]
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["comfyui_longalign"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def tiny_sd15_checkpoint(comfy) -> str:
+    from tiny_models import build_tiny_sd15_checkpoint
+
+    path = os.path.join(tiny_cache_dir(), "tiny_sd15_v2.safetensors")
+    if not os.path.isfile(path):
+        build_tiny_sd15_checkpoint(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def comfy_server(tmp_path_factory, tiny_sd15_checkpoint):
+    """A real ComfyUI server (CPU, loopback) with this pack and the tiny SD1.5 checkpoint."""
+    from comfy_server import ComfyServer
+
+    base = tmp_path_factory.mktemp("comfy-base")
+    os.makedirs(base / "custom_nodes")
+    os.symlink(REPO, base / "custom_nodes" / PACK_NAME)
+    os.makedirs(base / "models" / "checkpoints")
+    os.symlink(tiny_sd15_checkpoint, base / "models" / "checkpoints" / "tiny_sd15.safetensors")
+    server = ComfyServer(comfyui_dir(), str(base), str(base / "server.log")).start()
+    log = server.log()
+    if "IMPORT FAILED" in log or PACK_NAME not in log:
+        server.stop()
+        raise RuntimeError(f"the pack did not load into ComfyUI:\n{log[-4000:]}")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_pair(comfy):
+    """The same tiny CLIP-L weights as a transformers model and as ComfyUI's CLIP object."""
+    import comfy.sd
+    import torch
+    import comfy.sd1_clip
+    import comfy.supported_models_base
+
+    from tiny_models import clip_ldm_state_dict, tiny_clip_text_model
+    from training.clip_text import TransformersClipBackend, clip_tokenizer
+
+    model = tiny_clip_text_model(num_layers=2)
+    target = comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer, comfy.sd1_clip.SD1ClipModel)
+    clip = comfy.sd.CLIP(target, model_options={"clip_l_model_config": {"num_hidden_layers": 2}, "dtype": torch.float32})
+    missing, _ = clip.load_sd(clip_ldm_state_dict(model))
+    assert not [k for k in missing if "text_projection" not in k and "logit_scale" not in k], missing
+    return TransformersClipBackend(clip_tokenizer(), model), clip

@@ -1,0 +1,75 @@
+"""The LongAlign Text Encode node in-process in ComfyUI: equal to the library, equal to the stock
+node in native mode, robust to bad input."""
+import pytest
+import torch
+
+from training.encode import SegmentOptions, encode_long_prompts
+
+LONG = (
+    "A “weathered” lighthouse stands on a cliff above a stormy sea. Waves crash against black rocks — "
+    "spray rising high! Seagulls circle the lamp; its beam cuts through fog. A small red fishing boat, "
+    "café lights and naïve paintings 🐟 line the harbour below. The sky is purple and grey at dusk."
+)
+
+
+@pytest.fixture(scope="module")
+def node(pack):
+    return pack.NODE_CLASS_MAPPINGS["LongAlignTextEncode"]()
+
+
+def stock_encode(clip, text):
+    import nodes as comfy_nodes
+
+    return comfy_nodes.CLIPTextEncode().encode(clip, text)[0]
+
+
+@pytest.mark.parametrize("text", ["a photo of a cat", LONG, "(red:1.3) car. blue sky"])
+def test_native_split_with_no_length_equals_stock_clip_text_encode(node, tiny_clip_pair, text):
+    _, clip = tiny_clip_pair
+    (ours,) = node.encode(clip, text, "native", 0, "none", True)
+    stock = stock_encode(clip, text)
+    assert ours[0][0].shape == stock[0][0].shape
+    torch.testing.assert_close(ours[0][0], stock[0][0])
+    torch.testing.assert_close(ours[0][1]["pooled_output"], stock[0][1]["pooled_output"])
+
+
+@pytest.mark.parametrize("options", [
+    SegmentOptions(),
+    SegmentOptions(token_length=0, pad="none"),
+    SegmentOptions(token_length=60, keep_bos=False),
+])
+def test_node_equals_library_on_the_same_weights(node, tiny_clip_pair, options):
+    hf_backend, clip = tiny_clip_pair
+    (ours,) = node.encode(clip, LONG, options.split, options.token_length, options.pad, options.keep_bos)
+    with torch.no_grad():
+        library = encode_long_prompts([LONG], hf_backend, options)
+    assert ours[0][0].shape == library.cond.shape
+    torch.testing.assert_close(ours[0][0], library.cond, atol=1e-4, rtol=1e-4)
+
+
+def test_weighting_syntax_keeps_its_comfyui_meaning(node, tiny_clip_pair):
+    _, clip = tiny_clip_pair
+    (plain,) = node.encode(clip, "a red car. a blue sky.", "sentences", 0, "none", True)
+    (weighted,) = node.encode(clip, "a (red:1.5) car. a blue sky.", "sentences", 0, "none", True)
+    assert plain[0][0].shape == weighted[0][0].shape
+    diff = (plain[0][0] - weighted[0][0]).abs().amax(dim=-1)[0]
+    assert diff[:4].amax() > 1e-3  # "a red car." segment changed
+    assert diff[5:].amax() < 1e-5  # second segment untouched
+
+
+@pytest.mark.parametrize("text", [
+    "", "   \n\t  ", "x" * 20000, " ".join(["word"] * 400), " ".join(f"tok{i}" for i in range(300)) + ".",
+    "Emoji 🐱🔥🌈 and ünïcödé — “quotes”.", "unbalanced ((brackets:1.2 here. and) more)) stuff",
+    "(((((", "embedding:missing_name.pt and text.",
+])
+def test_bad_or_odd_input_gives_a_valid_conditioning(node, tiny_clip_pair, text):
+    _, clip = tiny_clip_pair
+    (cond,) = node.encode(clip, text, "sentences", 240, "mean", True)
+    tensor = cond[0][0]
+    assert tensor.shape == (1, 240, 768)
+    assert torch.isfinite(tensor).all()
+
+
+def test_missing_clip_is_a_clear_error(node):
+    with pytest.raises(ValueError, match="clip input is None"):
+        node.encode(None, "text", "sentences", 240, "mean", True)

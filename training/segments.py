@@ -1,0 +1,113 @@
+"""Sentence segmentation of long prompts (LongAlign, SPEC §1 step 1).
+
+A caption is split into sentences on ``. ? ! ;``; empty pieces are dropped and every piece gets a
+trailing ``.`` back, as the reference does. Two deliberate differences from the reference:
+
+* it splits on all four marks (the reference's regex only matches ``.`` and ``?``), and only where
+  the mark ends a word (followed by whitespace, another mark or the end), so ``3.5``, ``e.g.`` and
+  ``embedding:name.pt`` stay whole; marks inside ComfyUI weighting brackets ``( )`` never split;
+* a sentence longer than the encoder's window (75 tokens) is split at word boundaries instead of
+  being truncated (:func:`pack_words`).
+"""
+from __future__ import annotations
+
+import html
+import re
+from typing import Callable, Iterator
+
+import ftfy
+
+SENTENCE_MARKS = ".?!;"
+_WHITESPACE = re.compile(r"\s+")
+
+
+def normalize_prompt(text: str) -> str:
+    """The one text normalisation applied before any tokenizer sees a prompt.
+
+    Tokenizers disagree on typographic characters (open_clip's ftfy path straightens curly quotes,
+    transformers' CLIPTokenizer may not), so node and trainer both normalise here first:
+    HTML entities resolved, ``ftfy.fix_text`` (quotes, dashes, mojibake, NFC), whitespace collapsed.
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"prompt must be a string, got {type(text).__name__}")
+    text = ftfy.fix_text(html.unescape(html.unescape(text)))
+    return _WHITESPACE.sub(" ", text).strip()
+
+
+def _units(text: str) -> Iterator[tuple[int, int, int]]:
+    """Yield ``(start, end, depth_after)`` for each character run, tracking ``( )`` nesting.
+
+    Escaped brackets ``\\(`` and ``\\)`` (ComfyUI's literal-bracket syntax) do not nest.
+    """
+    depth = 0
+    i = 0
+    while i < len(text):
+        ch = text[i]
+        if ch == "\\" and i + 1 < len(text):
+            yield i, i + 2, depth
+            i += 2
+            continue
+        if ch == "(":
+            depth += 1
+        elif ch == ")" and depth > 0:
+            depth -= 1
+        yield i, i + 1, depth
+        i += 1
+
+
+def split_sentences(text: str) -> list[str]:
+    """Split ``text`` into sentence segments, each ending in ``.``.
+
+    Text with no sentence mark is one segment; empty text gives ``[""]`` (the empty prompt, which
+    the encoder turns into a lone BOS, as the reference does for a dropped caption).
+    """
+    text = normalize_prompt(text)
+    pieces: list[str] = []
+    start = 0
+    for i, end, depth in _units(text):
+        if end - i != 1 or text[i] not in SENTENCE_MARKS or depth > 0:
+            continue
+        nxt = text[end] if end < len(text) else " "
+        if nxt.isspace() or nxt in SENTENCE_MARKS:
+            pieces.append(text[start:i])
+            start = end
+    pieces.append(text[start:])
+    segments = [p.strip() + "." for p in pieces if p.strip(" " + SENTENCE_MARKS)]
+    return segments or [text]
+
+
+def _words(segment: str) -> list[str]:
+    """Whitespace-separated words, with a bracketed weighting group kept as one word."""
+    words: list[str] = []
+    start = 0
+    for i, end, depth in _units(segment):
+        if segment[i] == " " and depth == 0:
+            if i > start:
+                words.append(segment[start:i])
+            start = end
+    if start < len(segment):
+        words.append(segment[start:])
+    return words
+
+
+def pack_words(segment: str, count_tokens: Callable[[str], int], max_tokens: int) -> list[str]:
+    """Split a segment longer than ``max_tokens`` tokens greedily at word boundaries.
+
+    Each piece holds as many whole words as fit in ``max_tokens``; a single word (or weighting
+    group) longer than that stays one piece and is windowed by the encoder backend.
+    """
+    if count_tokens(segment) <= max_tokens:
+        return [segment]
+    pieces: list[str] = []
+    current: list[str] = []
+    used = 0
+    for word in _words(segment):
+        n = count_tokens(word)
+        if current and used + n > max_tokens:
+            pieces.append(" ".join(current))
+            current, used = [], 0
+        current.append(word)
+        used += n
+    if current:
+        pieces.append(" ".join(current))
+    return pieces
