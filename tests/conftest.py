@@ -6,13 +6,13 @@ The ComfyUI source tree comes from ``LONGALIGN_COMFYUI`` (``scripts/test.sh`` se
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from comfy_inprocess import REPO, comfy_clip_from_transformers, import_comfy, load_pack
+
 PACK_NAME = "ComfyUI-LongAlign"
 if REPO not in sys.path:
     sys.path.append(REPO)  # after ComfyUI: the pack's nodes/ must never shadow ComfyUI's nodes.py
@@ -38,26 +38,14 @@ def tiny_cache_dir() -> str:
 def comfy():
     """ComfyUI imported in-process on the CPU; returns its folder."""
     root = comfyui_dir()
-    if root not in sys.path:
-        sys.path.insert(0, root)
-    import comfy.cli_args
-
-    comfy.cli_args.args.cpu = True
-    import comfy.model_management  # noqa: F401  (reads args.cpu)
-    import utils.extra_config  # noqa: F401  (before `nodes`: see COMFYUI-NOTES)
+    import_comfy(root)
     return root
 
 
 @pytest.fixture(scope="session")
 def pack(comfy):
     """The pack imported the way ComfyUI imports it: as a package from its folder."""
-    spec = importlib.util.spec_from_file_location(
-        "comfyui_longalign", os.path.join(REPO, "__init__.py"), submodule_search_locations=[REPO]
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["comfyui_longalign"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_pack()
 
 
 @pytest.fixture(scope="session")
@@ -82,7 +70,38 @@ def comfy_server(tmp_path_factory, tiny_sd15_checkpoint):
     os.symlink(tiny_sd15_checkpoint, base / "models" / "checkpoints" / "tiny_sd15.safetensors")
     server = ComfyServer(comfyui_dir(), str(base), str(base / "server.log")).start()
     log = server.log()
-    if "IMPORT FAILED" in log or PACK_NAME not in log:
+    failed = [line for line in log.splitlines() if "IMPORT FAILED" in line and PACK_NAME in line]
+    if failed or PACK_NAME not in log:
+        server.stop()
+        raise RuntimeError(f"the pack did not load into ComfyUI:\n{log[-4000:]}")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_pair(comfy):
+    """The same tiny CLIP-L weights as the trainer's backend and as ComfyUI's CLIP object."""
+    from tiny_models import tiny_clip_text_model
+    from training.clip_text import TransformersClipBackend, clip_tokenizer
+
+    model = tiny_clip_text_model(num_layers=2)
+    return TransformersClipBackend(clip_tokenizer(), model), comfy_clip_from_transformers(model)
+
+
+@pytest.fixture(scope="session")
+def comfy_server(tmp_path_factory, tiny_sd15_checkpoint):
+    """A real ComfyUI server (CPU, loopback) with this pack and the tiny SD1.5 checkpoint."""
+    from comfy_server import ComfyServer
+
+    base = tmp_path_factory.mktemp("comfy-base")
+    os.makedirs(base / "custom_nodes")
+    os.symlink(REPO, base / "custom_nodes" / PACK_NAME)
+    os.makedirs(base / "models" / "checkpoints")
+    os.symlink(tiny_sd15_checkpoint, base / "models" / "checkpoints" / "tiny_sd15.safetensors")
+    server = ComfyServer(comfyui_dir(), str(base), str(base / "server.log")).start()
+    log = server.log()
+    failed = [line for line in log.splitlines() if "IMPORT FAILED" in line and PACK_NAME in line]
+    if failed or PACK_NAME not in log:
         server.stop()
         raise RuntimeError(f"the pack did not load into ComfyUI:\n{log[-4000:]}")
     yield server

@@ -73,3 +73,46 @@ def test_bad_or_odd_input_gives_a_valid_conditioning(node, tiny_clip_pair, text)
 def test_missing_clip_is_a_clear_error(node):
     with pytest.raises(ValueError, match="clip input is None"):
         node.encode(None, "text", "sentences", 240, "mean", True)
+
+
+def _position_modules(clip):
+    return {id(m): m.position_embedding for m in clip.cond_stage_model.modules() if type(m).__name__ == "CLIPEmbeddings"}
+
+
+def test_short_rows_leave_comfyui_clip_as_it_was_even_on_error(pack, tiny_clip_pair):
+    _, clip = tiny_clip_pair
+    backend_cls = pack.nodes.comfy_clip.ComfyClipBackend
+    before = _position_modules(clip)
+    backend = backend_cls(clip)
+    rows = backend.tokenize("a cat.")
+    hidden, _ = backend.encode(rows, rows[0].end + 1)
+    assert hidden.shape[1] == rows[0].end + 1
+    assert _position_modules(clip) == before
+
+    class Boom(Exception):
+        pass
+
+    original = clip.encode_from_tokens
+    clip.encode_from_tokens = lambda *a, **k: (_ for _ in ()).throw(Boom())
+    try:
+        with pytest.raises(Boom):
+            backend.encode(rows, rows[0].end + 1)
+    finally:
+        del clip.encode_from_tokens
+    assert clip.encode_from_tokens == original
+    assert _position_modules(clip) == before
+
+
+def test_pad_embedding_cache_follows_the_clip_weights(pack, tiny_clip_pair):
+    from training.encode import pad_embedding
+
+    _, clip = tiny_clip_pair
+    backend_cls = pack.nodes.comfy_clip.ComfyClipBackend
+    cached = backend_cls(clip).cached_pad_embedding()
+    torch.testing.assert_close(cached, pad_embedding(backend_cls(clip)))
+    patched = clip.clone()
+    key = "clip_l.transformer.text_model.final_layer_norm.bias"
+    patched.add_patches({key: (torch.full((768,), 0.5),)}, 1.0)
+    moved = backend_cls(patched).cached_pad_embedding()
+    assert (moved - cached).abs().max() > 0.1
+    torch.testing.assert_close(backend_cls(clip).cached_pad_embedding(), cached)

@@ -1,0 +1,1 @@
+"""``python -m bench``: the pack's benchmarks, one table (see bench/README in the main README)."""

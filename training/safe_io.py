@@ -1,0 +1,121 @@
+"""The one place that reads model files and writes outputs.
+
+Reading: safetensors first; ``.pt/.pth/.bin/.ckpt`` only through ``torch.load(weights_only=True)``
+(a pickle that would run code is refused by torch's restricted unpickler and nothing runs). Every
+error names the file, the format expected and what was found.
+
+Writing: every output goes to a temporary file in the destination's folder, is flushed and
+fsync'ed, then renamed over the destination, so a reader sees the old complete file or the new
+complete file, never a partial one.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from typing import IO, Any, Callable, Iterator
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+
+
+class ModelFileError(ValueError):
+    """A model file that is missing, of the wrong format, or holds the wrong content."""
+
+
+def _check_file(path: str, what: str) -> None:
+    if not os.path.exists(path):
+        raise ModelFileError(f"{what}: {path!r} does not exist")
+    if not os.path.isfile(path):
+        raise ModelFileError(f"{what}: {path!r} is not a file")
+    if os.path.getsize(path) == 0:
+        raise ModelFileError(f"{what}: {path!r} is empty (0 bytes)")
+
+
+def load_tensors(path: str, what: str = "model file", device: str = "cpu") -> dict[str, torch.Tensor]:
+    """A flat ``{name: tensor}`` dict from a safetensors or (weights-only) pickle file."""
+    _check_file(path, what)
+    lower = path.lower()
+    if lower.endswith(SAFETENSORS_SUFFIXES):
+        try:
+            return load_file(path, device=device)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ModelFileError(f"{what}: {path!r} is not a readable safetensors file ({e})") from e
+    if lower.endswith(PICKLE_SUFFIXES):
+        obj = load_pickle(path, what, device)
+        if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+            obj = obj["state_dict"]
+        if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+            raise ModelFileError(
+                f"{what}: {path!r} holds {type(obj).__name__}, expected a dict of tensors"
+            )
+        return obj
+    raise ModelFileError(
+        f"{what}: {path!r} has an unknown extension; expected one of "
+        f"{', '.join(SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES)}"
+    )
+
+
+def load_pickle(path: str, what: str = "model file", device: str = "cpu") -> Any:
+    """``torch.load(weights_only=True)``: tensors, lists, dicts and numbers only, never code."""
+    _check_file(path, what)
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # torch raises UnpicklingError, RuntimeError or EOFError by case
+        raise ModelFileError(
+            f"{what}: {path!r} could not be loaded as a weights-only PyTorch file "
+            f"(truncated, or it holds objects other than tensors, which are refused): {e}"
+        ) from e
+
+
+@contextlib.contextmanager
+def atomic_path(path: str) -> Iterator[str]:
+    """Yield a temporary path beside ``path``; on success fsync it and rename it over ``path``."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        with contextlib.suppress(OSError):
+            dir_fd = os.open(folder, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+
+
+@contextlib.contextmanager
+def atomic_open(path: str, mode: str = "w", encoding: str | None = "utf-8") -> Iterator[IO]:
+    """``open()`` for writing, made atomic with :func:`atomic_path`."""
+    with atomic_path(path) as tmp:
+        with open(tmp, mode, encoding=None if "b" in mode else encoding) as f:
+            yield f
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, Any] | None = None) -> str:
+    """Write ``tensors`` as safetensors atomically; metadata values are JSON-encoded if not str."""
+    meta = None
+    if metadata:
+        meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, tmp, metadata=meta)
+    return path
+
+
+def write_atomically(path: str, write: Callable[[str], None]) -> str:
+    """Run ``write(tmp_path)`` and move the result over ``path`` atomically (for library savers)."""
+    with atomic_path(path) as tmp:
+        write(tmp)
+    return path
