@@ -1,18 +1,31 @@
 """LongAlign Text Encode: a prompt of any length as sentence segments, one CONDITIONING."""
 from __future__ import annotations
 
+import torch
+
 from ..training.encode import SegmentOptions, encode_long_prompts
+from ..training.t5 import T5Branch, encode_ct5f
 from .comfy_clip import ComfyClipBackend
 
 
-def encode_prompt(clip, text: str, options: SegmentOptions):
-    """The node's whole job, callable without ComfyUI's executor (tests, other nodes)."""
+def encode_prompt(clip, text: str, options: SegmentOptions, t5_adapter: T5Branch | None = None):
+    """The node's whole job, callable without ComfyUI's executor (tests, other nodes).
+
+    With ``t5_adapter`` the conditioning is LongSD's ``cat([clip_concat, adapter(T5)], dim=1)``,
+    (1, 2L, 768); the empty (negative) prompt takes the same path.
+    """
     if clip is None:
         raise ValueError(
             "LongAlign Text Encode: the clip input is None; the checkpoint has no text encoder "
             "(load one with a CLIP loader node)"
         )
-    result = encode_long_prompts([text], ComfyClipBackend(clip), options)
+    backend = ComfyClipBackend(clip)
+    pad = backend.cached_pad_embedding() if options.pad == "mean" and options.token_length else None
+    if t5_adapter is None:
+        result = encode_long_prompts([text], backend, options, pad=pad)
+    else:
+        with torch.no_grad():
+            result = encode_ct5f([text], backend, t5_adapter, options, pad=pad)
     extras = {} if result.pooled is None else {"pooled_output": result.pooled}
     return [[result.cond, extras]], result
 
@@ -47,16 +60,21 @@ class LongAlignTextEncode:
                 "keep_bos": ("BOOLEAN", {
                     "default": True,
                     "tooltip": "Every segment keeps its BOS token (paper). Off: only the first segment's."}),
-            }
+            },
+            "optional": {
+                "t5_adapter": ("T5_ADAPTER", {
+                    "tooltip": "From T5 Adapter Loader (LongSD): appends TextAdapter(T5(prompt)) to the CLIP "
+                               "segments, giving 2 x token_length tokens. Use it on the negative prompt too."}),
+            },
         }
 
     RETURN_TYPES = ("CONDITIONING",)
-    OUTPUT_TOOLTIPS = ("Conditioning for any sampler: (1, L, D) segment embeddings.",)
+    OUTPUT_TOOLTIPS = ("Conditioning for any sampler: (1, L, D) segment embeddings; (1, 2L, D) with a t5_adapter.",)
     FUNCTION = "encode"
     CATEGORY = "conditioning/longalign"
     DESCRIPTION = __doc__
 
-    def encode(self, clip, text, split, token_length, pad, keep_bos):
+    def encode(self, clip, text, split, token_length, pad, keep_bos, t5_adapter=None):
         options = SegmentOptions(split=split, token_length=token_length, pad=pad, keep_bos=keep_bos)
-        conditioning, _ = encode_prompt(clip, text, options)
+        conditioning, _ = encode_prompt(clip, text, options, t5_adapter)
         return (conditioning,)

@@ -9,29 +9,16 @@
 """
 from __future__ import annotations
 
+import json
 import os
 
+import open_clip
 import torch
 from safetensors.torch import save_file
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPModel, CLIPTextModel
 
-TINY_UNET_CONFIG = dict(
-    sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
-    block_out_channels=(320,), down_block_types=("CrossAttnDownBlock2D",),
-    up_block_types=("CrossAttnUpBlock2D",), cross_attention_dim=768, attention_head_dim=8,
-    norm_num_groups=32,
-)
-"""Passes ComfyUI's SD1.5 detection: model_channels 320, context 768, no linear proj."""
-
-
-def tiny_clip_text_model(num_layers: int = 2, seed: int = 0) -> CLIPTextModel:
-    torch.manual_seed(seed)
-    config = CLIPTextConfig(
-        vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=num_layers,
-        num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
-        projection_dim=768, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
-    )
-    return CLIPTextModel(config).eval()
+from training.safe_io import save_tensors, write_atomically
+from training.tiny import TINY_UNET_CONFIG, tiny_clip_model, tiny_clip_text_model, tiny_unet  # noqa: F401  (re-exported)
 
 
 def clip_ldm_state_dict(model: CLIPTextModel) -> dict[str, torch.Tensor]:
@@ -41,13 +28,6 @@ def clip_ldm_state_dict(model: CLIPTextModel) -> dict[str, torch.Tensor]:
         (k if k.startswith("text_model.") else "text_model." + k): v.contiguous()
         for k, v in model.state_dict().items()
     }
-
-
-def tiny_unet(seed: int = 0):
-    from diffusers import UNet2DConditionModel
-
-    torch.manual_seed(seed)
-    return UNet2DConditionModel(**TINY_UNET_CONFIG).eval()
 
 
 def _ldm_unet_state_dict(unet) -> dict[str, torch.Tensor]:
@@ -95,3 +75,95 @@ def build_tiny_sd15_checkpoint(path: str, seed: int = 0) -> str:
     save_file(sd, tmp)
     os.replace(tmp, path)
     return path
+
+
+REFERENCE_LORA_CLASSES = {"ResnetBlock2D", "Attention", "CrossAttention", "GEGLU"}
+
+
+def reference_lora_targets(unet) -> list[tuple[str, torch.nn.Module]]:
+    """The reference's own walk (LongAlign ``modules/lora.py``), written independently of
+    ``training.lora_format``: ancestors of a target class in ``unet.modules()`` order, then every
+    Linear/Conv2d in each ancestor's ``named_modules()`` order."""
+    names = {id(m): n for n, m in unet.named_modules()}
+    return [
+        (f"{names[id(ancestor)]}.{child_name}", child)
+        for ancestor in unet.modules() if ancestor.__class__.__name__ in REFERENCE_LORA_CLASSES
+        for child_name, child in ancestor.named_modules()
+        if child.__class__ in (torch.nn.Linear, torch.nn.Conv2d)
+    ]
+
+
+def reference_lora_list(unet, rank: int = 4, seed: int = 0, up_std: float = 0.05) -> list[torch.Tensor]:
+    """A random LoRA as the reference saves it: fp16 ``[up_0, down_0, ...]`` in its layer order
+    (down ``normal(1/r)`` as the reference initialises it; up non-zero so the LoRA changes the model)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _, layer in reference_lora_targets(unet):
+        if isinstance(layer, torch.nn.Conv2d):
+            up_shape, down_shape = (layer.out_channels, rank, 1, 1), (rank, layer.in_channels, *layer.kernel_size)
+        else:
+            up_shape, down_shape = (layer.out_features, rank), (rank, layer.in_features)
+        out.append((torch.randn(up_shape, generator=g) * up_std).half())
+        out.append((torch.randn(down_shape, generator=g) / rank).half())
+    return out
+
+
+def tiny_t5_encoder(d_model: int = 64, seed: int = 0):
+    """A 2-layer transformers ``T5EncoderModel`` with the real T5 vocabulary size (32128)."""
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    config = T5Config(vocab_size=32128, d_model=d_model, d_ff=2 * d_model, d_kv=16, num_layers=2,
+                      num_heads=d_model // 16, feed_forward_proj="relu", is_encoder_decoder=False)
+    return T5EncoderModel(config).eval()
+
+
+def tiny_text_adapter(in_dim: int = 64, int_dim: int = 48, out_dim: int = 768, seed: int = 0):
+    """A small ``training.adapter.TextAdapter`` with perturbed LayerNorms (so they matter), eval mode."""
+    from training.adapter import TextAdapter
+
+    torch.manual_seed(seed)
+    adapter = TextAdapter(in_dim=in_dim, int_dim=int_dim, out_dim=out_dim).eval()
+    with torch.no_grad():
+        for p in adapter.parameters():
+            if p.ndim == 1:
+                p.add_(0.1 * torch.randn_like(p))
+    return adapter
+
+
+TINY_OPEN_CLIP = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+PROMPTS = [
+    "A red fox sits in the snow. The sky is grey; a pine forest stands behind it.",
+    "A bowl of ramen on a wooden table! Steam rises from the broth.",
+    "An astronaut floats inside a space station",
+]
+
+
+def build_tiny_clipmodel(folder: str, seed: int = 0) -> CLIPModel:
+    """A tiny transformers CLIPModel (real vocabulary, 32x32 images) saved with save_pretrained."""
+    model = tiny_clip_model(seed)
+    model.save_pretrained(folder)
+    return model
+
+
+def build_tiny_open_clip(folder: str, seed: int = 0) -> tuple[open_clip.CLIP, dict[str, str]]:
+    """A tiny open_clip model saved three ways: hub folder (open_clip_config.json + safetensors), an
+    HPSv2-style ``{"state_dict": {"module.*": ...}}`` .pt file, and a bare .safetensors + JSON config."""
+    torch.manual_seed(seed)
+    model = open_clip.CLIP(**TINY_OPEN_CLIP).eval()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    hub = os.path.join(folder, "tiny_open_clip")
+    os.makedirs(hub, exist_ok=True)
+    write_atomically(os.path.join(hub, "open_clip_config.json"),
+                     lambda tmp: json.dump({"model_cfg": TINY_OPEN_CLIP}, open(tmp, "w")))
+    save_tensors(state, os.path.join(hub, "open_clip_model.safetensors"))
+    pt = os.path.join(folder, "tiny_hps.pt")
+    write_atomically(pt, lambda tmp: torch.save({"state_dict": {"module." + k: v for k, v in state.items()}}, tmp))
+    single = save_tensors(state, os.path.join(folder, "tiny_clip.safetensors"))
+    config = os.path.join(folder, "tiny_clip.json")
+    write_atomically(config, lambda tmp: json.dump(TINY_OPEN_CLIP, open(tmp, "w")))
+    return model, {"hub": hub, "pt": pt, "safetensors": single, "config": config}

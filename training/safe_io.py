@@ -65,7 +65,12 @@ def load_pickle(path: str, what: str = "model file", device: str = "cpu") -> Any
     """``torch.load(weights_only=True)``: tensors, lists, dicts and numbers only, never code."""
     _check_file(path, what)
     try:
-        return torch.load(path, map_location=device, weights_only=True)
+        try:  # memory-mapped: tensors are read lazily (zip format, torch >= 1.6 files)
+            return torch.load(path, map_location=device, weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            return torch.load(path, map_location=device, weights_only=True)  # legacy non-zip file
     except Exception as e:  # torch raises UnpicklingError, RuntimeError or EOFError by case
         raise ModelFileError(
             f"{what}: {path!r} could not be loaded as a weights-only PyTorch file "

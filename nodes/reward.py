@@ -1,0 +1,195 @@
+"""Reward nodes: load a preference model, score images with the decomposed reward, rank a batch.
+
+Glue over :mod:`training.scoring` (the scorer the reward stage trains with). ComfyUI's IMAGE is
+``(B, H, W, C)`` in [0, 1]; the library takes ``(B, C, H, W)``. Models live in
+``models/reward_models`` (registered with ComfyUI's ``folder_paths``; more folders can be added
+under the key ``reward_models`` in ``extra_model_paths.yaml``).
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from ..training.scoring import DIRECTION_SOURCES, REFERENCE_W, SCORE_FIELDS, DecomposedScores, score_images
+from ..training.reward_models import REWARD_KINDS, list_reward_models, load_reward_model
+
+FOLDER = "reward_models"
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _folder_paths():
+    """ComfyUI's ``folder_paths`` with ``reward_models`` registered, or None outside ComfyUI."""
+    try:
+        import folder_paths
+    except ImportError:
+        return None
+    folder_paths.add_model_folder_path(FOLDER, os.path.join(folder_paths.models_dir, FOLDER), is_default=True)
+    return folder_paths
+
+
+_folder_paths()  # register the folder at import, so /object_info and extra paths know it
+
+
+def reward_model_entries() -> list[str]:
+    fp = _folder_paths()
+    roots = fp.get_folder_paths(FOLDER) if fp else []
+    return sorted({e for root in roots for e in list_reward_models(root)})
+
+
+def resolve_model_path(name: str) -> str:
+    fp = _folder_paths()
+    roots = fp.get_folder_paths(FOLDER) if fp else []
+    for root in roots:
+        path = os.path.join(root, name)
+        if os.path.exists(path):
+            return path
+    raise FileNotFoundError(f"reward model {name!r} is not in any reward_models folder ({', '.join(roots) or 'none registered'}); "
+                            "put Denscore/PickScore CLIPModel folders or HPSv2/CLIP checkpoints in ComfyUI/models/reward_models")
+
+
+def resolve_device_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
+    """``auto``: ComfyUI's torch device; fp32 on CPU, bf16 (or fp16 without bf16 support) on a GPU."""
+    if device == "auto":
+        try:
+            import comfy.model_management
+
+            dev = comfy.model_management.get_torch_device()
+        except ImportError:  # the pack imported outside ComfyUI
+            dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        dev = torch.device(device)
+    if dtype != "auto":
+        return dev, DTYPES[dtype]
+    if dev.type == "cpu":
+        return dev, torch.float32
+    return dev, torch.bfloat16 if dev.type != "cuda" or torch.cuda.is_bf16_supported() else torch.float16
+
+
+def _reference_path(reference_file: str) -> str | None:
+    """A reference prompt file, absolute or relative to ComfyUI's input folder; '' = none."""
+    if not reference_file.strip():
+        return None
+    fp = _folder_paths()
+    if fp and not os.path.isabs(reference_file):
+        candidate = os.path.join(fp.get_input_directory(), reference_file)
+        if os.path.isfile(candidate):
+            return candidate
+    return reference_file
+
+
+def score_batch(images: torch.Tensor, reward_model, text: str, w: float, direction: str,
+                reference_file: str) -> DecomposedScores:
+    """The scoring both nodes share: IMAGE ``(B, H, W, C)`` -> :class:`DecomposedScores`."""
+    if reward_model is None:
+        raise ValueError("the reward_model input is None: connect a Reward Model Loader")
+    if not isinstance(images, torch.Tensor) or images.ndim != 4:
+        raise ValueError(f"images must be an IMAGE batch (B, H, W, C), got "
+                         f"{tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__}")
+    return score_images(reward_model, images.movedim(-1, 1), [text], w=w, direction=direction,
+                        reference=_reference_path(reference_file))
+
+
+SCORING_INPUTS = {
+    "reward_model": ("REWARD_MODEL",),
+    "text": ("STRING", {"multiline": True, "tooltip": "The prompt the images were made from (any length: "
+                                                       "split into sentences, their features averaged)."}),
+    "w": ("FLOAT", {"default": REFERENCE_W, "min": 0.0, "max": 2.0, "step": 0.01,
+                    "tooltip": "Weight of the text-irrelevant part: s_w = text_relevant + w * text_irrelevant "
+                               "(paper: 0.3; 1 = the plain score; 0 = alignment only)."}),
+    "direction": (list(reversed(DIRECTION_SOURCES)), {
+        "default": "builtin",
+        "tooltip": "Where the common text direction v comes from: builtin prompt set, a reference prompt "
+                   "file, or the batch (needs two different prompts; one prompt falls back to the "
+                   "reference/builtin set and says so in the summary)."}),
+}
+REFERENCE_INPUT = {"reference_file": ("STRING", {
+    "default": "", "tooltip": "Text file, one prompt per line (absolute, or relative to ComfyUI's input folder)."})}
+
+
+class RewardModelLoader:
+    """Loads a CLIP preference model from models/reward_models: Denscore or PickScore (a transformers
+    CLIPModel folder) or HPSv2 or plain CLIP (an open_clip checkpoint). Frozen, local files only."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model_name": (reward_model_entries(), {"tooltip": "A file or folder in models/reward_models."}),
+                "kind": (list(REWARD_KINDS), {"default": "denscore"}),
+                "device": (["auto", "cpu", "cuda"], {"default": "auto"}),
+                "dtype": (["auto", "fp32", "fp16", "bf16"], {"default": "auto"}),
+            },
+            "optional": {
+                "architecture": ("STRING", {
+                    "default": "ViT-H-14",
+                    "tooltip": "open_clip architecture for a single-file hpsv2/clip checkpoint (HPSv2: ViT-H-14)."}),
+            },
+        }
+
+    RETURN_TYPES = ("REWARD_MODEL",)
+    FUNCTION = "load"
+    CATEGORY = "longalign/reward"
+    DESCRIPTION = __doc__
+
+    def load(self, model_name, kind, device, dtype, architecture="ViT-H-14"):
+        dev, dt = resolve_device_dtype(device, dtype)
+        return (load_reward_model(resolve_model_path(model_name), kind, dev, dt, architecture or "ViT-H-14"),)
+
+
+class DecomposedRewardScore:
+    """Scores each image against the prompt with a preference model and splits the score along the
+    common text direction v (LongAlign): total s = text_relevant + text_irrelevant, and the reweighted
+    s_w = text_relevant + w * text_irrelevant. Scores are cosines (x100 for the paper's tables)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"images": ("IMAGE",), **SCORING_INPUTS}, "optional": REFERENCE_INPUT}
+
+    RETURN_TYPES = ("FLOAT", "FLOAT", "FLOAT", "FLOAT", "STRING")
+    RETURN_NAMES = ("total", "text_relevant", "text_irrelevant", "reweighted", "summary")
+    OUTPUT_IS_LIST = (True, True, True, True, False)
+    OUTPUT_NODE = True
+    FUNCTION = "score"
+    CATEGORY = "longalign/reward"
+    DESCRIPTION = __doc__
+
+    def score(self, images, reward_model, text, w, direction, reference_file=""):
+        scores = score_batch(images, reward_model, text, w, direction, reference_file)
+        summary = json.dumps(scores.summary(), indent=1)
+        lists = [getattr(scores, name).tolist() for name in ("total", "text_relevant", "text_irrelevant", "reweighted")]
+        return {"ui": {"text": [summary]}, "result": (*lists, summary)}
+
+
+class RankByReward:
+    """Sorts an image batch by a decomposed reward score (best first) and returns the top k: best-of-N
+    selection for long prompts inside a graph."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "images": ("IMAGE",), **SCORING_INPUTS,
+                "score": (list(SCORE_FIELDS[:4]), {"default": "reweighted", "tooltip": "The score to sort by."}),
+                "top_k": ("INT", {"default": 1, "min": 1, "max": 4096, "tooltip": "Images in the top_k output."}),
+            },
+            "optional": REFERENCE_INPUT,
+        }
+
+    RETURN_TYPES = ("IMAGE", "IMAGE", "STRING")
+    RETURN_NAMES = ("sorted", "top_k", "ranking")
+    OUTPUT_NODE = True
+    FUNCTION = "rank"
+    CATEGORY = "longalign/reward"
+    DESCRIPTION = __doc__
+
+    def rank(self, images, reward_model, text, w, direction, score, top_k, reference_file=""):
+        scores = score_batch(images, reward_model, text, w, direction, reference_file)
+        order = scores.order(score)
+        ranking = json.dumps({"score": score, "order": order,
+                              "scores": [getattr(scores, score)[i].item() for i in order],
+                              "direction": scores.direction.source, "note": scores.direction.note})
+        index = torch.tensor(order, device=images.device)
+        ranked = images[index]
+        return {"ui": {"text": [ranking]}, "result": (ranked, ranked[:top_k], ranking)}

@@ -1,0 +1,158 @@
+"""The reward nodes in-process (equal to the library, under ComfyUI's inference mode) and in the real
+ComfyUI server on images from the tiny SD1.5 checkpoint workflow."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tiny_models import PROMPTS, build_tiny_clipmodel, build_tiny_open_clip
+from training.scoring import score_images
+from training.reward_models import load_reward_model
+from workflows import load_example, shrink
+
+
+@pytest.fixture(scope="module")
+def reward_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("comfy_reward_models")
+    build_tiny_clipmodel(str(root / "tiny_denscore"))
+    build_tiny_open_clip(str(root))
+    return root
+
+
+@pytest.fixture(scope="module")
+def nodes(pack, reward_dir):
+    import folder_paths
+
+    folder_paths.add_model_folder_path("reward_models", str(reward_dir))
+    m = pack.NODE_CLASS_MAPPINGS
+    return {"loader": m["LongAlignRewardModelLoader"](), "score": m["LongAlignDecomposedRewardScore"](),
+            "rank": m["LongAlignRankByReward"]()}
+
+
+@pytest.fixture(scope="module")
+def loaded(nodes):
+    with torch.inference_mode():  # as ComfyUI executes nodes
+        (model,) = nodes["loader"].load("tiny_denscore", "denscore", "cpu", "fp32")
+    return model
+
+
+def comfy_images(n=4, size=48, seed=0):
+    """ComfyUI IMAGE: (B, H, W, C) in [0, 1]."""
+    return torch.rand(n, size, size, 3, generator=torch.Generator().manual_seed(seed))
+
+
+def test_loader_lists_the_folder_and_loads_the_library_model(nodes, reward_dir, loaded):
+    listed = nodes["loader"].INPUT_TYPES()["required"]["model_name"][0]
+    assert {"tiny_denscore", "tiny_open_clip", "tiny_hps.pt", "tiny_clip.safetensors"} <= set(listed)
+    library = load_reward_model(str(reward_dir / "tiny_denscore"), "denscore")
+    ids = library.tokenize(["a cat."])
+    torch.testing.assert_close(loaded.encode_text(ids), library.encode_text(ids))
+    with torch.inference_mode():
+        (hub,) = nodes["loader"].load("tiny_open_clip", "hpsv2", "cpu", "fp16")
+    assert hub.kind == "hpsv2" and hub.dtype == torch.float16
+    with torch.inference_mode():
+        (auto,) = nodes["loader"].load("tiny_denscore", "denscore", "auto", "auto")
+    assert auto.device.type == "cpu" and auto.dtype == torch.float32  # ComfyUI runs with --cpu here
+
+
+def test_score_node_equals_the_library_and_shows_its_summary(nodes, loaded):
+    images = comfy_images()
+    with torch.inference_mode():
+        out = nodes["score"].score(images, loaded, PROMPTS[0], 0.3, "builtin")
+    total, relevant, irrelevant, reweighted, summary = out["result"]
+    library = score_images(loaded, images.movedim(-1, 1), [PROMPTS[0]], w=0.3, direction="builtin")
+    assert len(total) == 4 and all(isinstance(x, float) for x in total)
+    np.testing.assert_allclose(total, library.total.tolist(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(reweighted, library.reweighted.tolist(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.add(relevant, irrelevant), total, atol=1e-5)
+    assert out["ui"]["text"] == [summary]
+    parsed = json.loads(summary)
+    assert parsed["direction"] == "builtin" and parsed["w"] == 0.3 and parsed["reweighted"] == reweighted
+
+
+def test_rank_node_returns_the_batch_in_score_order_and_the_top_k(nodes, loaded):
+    images = comfy_images(5)
+    with torch.inference_mode():
+        out = nodes["rank"].rank(images, loaded, PROMPTS[1], 0.3, "builtin", "total", 2)
+        (scores,) = [nodes["score"].score(images, loaded, PROMPTS[1], 0.3, "builtin")["result"][0]]
+    ranked, top, ranking = out["result"]
+    order = json.loads(ranking)["order"]
+    assert order == sorted(range(5), key=lambda i: -scores[i])
+    torch.testing.assert_close(ranked, images[order])
+    torch.testing.assert_close(top, images[order[:2]])
+    assert json.loads(ranking)["scores"] == sorted(json.loads(ranking)["scores"], reverse=True)
+
+
+def test_node_batch_direction_with_one_prompt_falls_back_visibly(nodes, loaded):
+    with pytest.warns(UserWarning), torch.inference_mode():
+        summary = json.loads(nodes["score"].score(comfy_images(2), loaded, PROMPTS[0], 0.3, "batch")["result"][4])
+    assert summary["direction"] == "builtin" and "batch direction undefined" in summary["note"]
+
+
+def test_node_bad_input_is_a_clear_error(nodes, loaded):
+    with pytest.raises(ValueError, match="reward_model input is None"):
+        nodes["score"].score(comfy_images(), None, "a cat.", 0.3, "builtin")
+    with pytest.raises(ValueError, match="IMAGE batch"):
+        nodes["score"].score(torch.rand(48, 48, 3), loaded, "a cat.", 0.3, "builtin")
+    with pytest.raises(ValueError, match="text 0 is empty"):
+        nodes["score"].score(comfy_images(), loaded, "  ", 0.3, "builtin")
+    with pytest.raises(ValueError, match="needs a reference prompt file"):
+        nodes["score"].score(comfy_images(), loaded, "a cat.", 0.3, "reference", "")
+    with pytest.raises(FileNotFoundError, match="not in any reward_models folder"):
+        nodes["loader"].load("no_such_model", "denscore", "cpu", "fp32")
+    with pytest.raises(ValueError, match="expects a transformers CLIPModel folder"):
+        nodes["loader"].load("tiny_hps.pt", "pickscore", "cpu", "fp32")
+
+
+# ---- the real server -------------------------------------------------------------------------
+
+@pytest.mark.server
+def test_rank_and_score_nodes_in_the_real_server(comfy_server, reward_dir):
+    target = os.path.join(comfy_server.base_dir, "models", "reward_models", "tiny_denscore")
+    shutil.copytree(reward_dir / "tiny_denscore", target, dirs_exist_ok=True)
+    info = comfy_server.get("/object_info/LongAlignRewardModelLoader")["LongAlignRewardModelLoader"]
+    assert "tiny_denscore" in info["input"]["required"]["model_name"][0]
+    assert comfy_server.get("/object_info/LongAlignRankByReward")["LongAlignRankByReward"]["output"] == ["IMAGE", "IMAGE", "STRING"]
+
+    wf = shrink(load_example("long_prompt_sd15_api.json"), "tiny_sd15.safetensors", prefix="reward_all")
+    wf["4"]["inputs"]["batch_size"] = 4
+    text = wf["2"]["inputs"]["text"]
+    scoring = {"reward_model": ["20", 0], "text": text, "w": 0.3, "direction": "builtin"}
+    wf.update({
+        "20": {"class_type": "LongAlignRewardModelLoader",
+               "inputs": {"model_name": "tiny_denscore", "kind": "denscore", "device": "cpu", "dtype": "fp32"}},
+        "21": {"class_type": "LongAlignRankByReward",
+               "inputs": {"images": ["6", 0], **scoring, "score": "reweighted", "top_k": 2}},
+        "22": {"class_type": "SaveImage", "inputs": {"images": ["21", 0], "filename_prefix": "reward_sorted"}},
+        "23": {"class_type": "SaveImage", "inputs": {"images": ["21", 1], "filename_prefix": "reward_top"}},
+        "24": {"class_type": "LongAlignDecomposedRewardScore", "inputs": {"images": ["6", 0], **scoring}},
+    })
+    entry = comfy_server.run(wf)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    outputs = entry["outputs"]
+    summary = json.loads(outputs["24"]["text"][0])
+    ranking = json.loads(outputs["21"]["text"][0])
+    reweighted = summary["reweighted"]
+    assert len(reweighted) == 4 and summary["direction"] == "builtin"
+    assert ranking["order"] == sorted(range(4), key=lambda i: -reweighted[i])
+    assert len(outputs["23"]["images"]) == 2
+
+    def pixels(node):
+        out = []
+        for image in outputs[node]["images"]:
+            path = os.path.join(comfy_server.base_dir, "output", image.get("subfolder", ""), image["filename"])
+            with Image.open(path) as im:
+                out.append(np.asarray(im))
+        return out
+
+    unsorted, ranked, top = pixels("7"), pixels("22"), pixels("23")
+    assert any(not np.array_equal(unsorted[0], u) for u in unsorted[1:])  # the batch is not four copies
+    for i, j in enumerate(ranking["order"]):
+        np.testing.assert_array_equal(ranked[i], unsorted[j])
+    np.testing.assert_array_equal(top[0], unsorted[ranking["order"][0]])

@@ -1,0 +1,256 @@
+"""The trainer's configuration: one dataclass tree, read from YAML/TOML, overridden from the
+command line, printed resolved.
+
+Every field carries its help text; ``--help`` lists them all as ``--section.field`` options. A
+config file or override with a key that does not exist is refused with the key's name.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, get_args, get_origin
+
+
+def opt(default: Any, help: str, **kw: Any) -> Any:
+    """A config field with its help text."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class ModelConfig:
+    pretrained: str | None = opt(None, "SD1.5 as a diffusers folder or a single .safetensors/.ckpt file (local)")
+    tiny: bool = opt(False, "build tiny random models from configs instead (demo/tests; no files needed)")
+    t5: str | None = opt(None, "T5 encoder folder (transformers) for the ct5f branch; omit for CLIP only")
+    adapter: str | None = opt(None, "TextAdapter folder (LongSD's s28750_adapter/); new adapter if t5 is set and this is not")
+    init_lora: str | None = opt(None, "LoRA merged into the UNet before training (reward: the alignment LoRA)")
+    reward_model: str | None = opt(None, "preference model file/folder for the reward stage")
+    reward_kind: Literal["denscore", "pickscore", "hpsv2", "clip"] = opt("denscore", "kind of reward_model")
+    reward_arch: str = opt("ViT-H-14", "open_clip architecture name for hpsv2/clip reward models")
+    token_length: int = opt(240, "L: rows of the CLIP segment conditioning (and T5 tokens)")
+
+
+@dataclass
+class LoraConfig:
+    rank: int = opt(32, "LoRA rank r (reference 32)")
+    alpha: float = opt(32.0, "LoRA alpha; scale = alpha / rank (reference: scale 1)")
+    dropout: float = opt(0.0, "dropout on the LoRA branch (reference trains with 0.1)")
+    targets: Literal["reference"] = opt("reference", "every Linear/Conv2d in ResnetBlock2D, Attention and GEGLU")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = opt(3e-5, "AdamW learning rate (reference 3e-5)")
+    betas: list = opt([0.9, 0.999], "AdamW betas")
+    weight_decay: float = opt(1e-2, "AdamW weight decay")
+    eps: float = opt(1e-8, "AdamW epsilon")
+    warmup_steps: int = opt(2000, "linear warm-up steps, then constant (reference 2000)")
+    scale_warmup_by_processes: bool = opt(True, "multiply warm-up by the process count, as the reference does")
+    max_grad_norm: float = opt(0.3, "gradient-norm clip (reference 0.3); 0 disables")
+    use_8bit_adam: bool = opt(False, "bitsandbytes 8-bit AdamW when installed")
+
+
+@dataclass
+class DataConfig:
+    path: str | None = opt(None, "images folder (+ .txt captions), .jsonl/.csv/.parquet with path,caption, or a prompts file (.txt, one per line)")
+    batch_size: int = opt(16, "samples per process and step")
+    resolution: int = opt(512, "training resolution (square)")
+    caption_dropout: float = opt(0.1, "probability of replacing a caption by the empty prompt (align)")
+    num_workers: int = opt(0, "data loader workers")
+
+
+@dataclass
+class SamplingConfig:
+    steps: int = opt(50, "DDIM steps of the differentiable sampling loop (t = 999, 979, ..., 19)")
+    guidance: float = opt(7.5, "classifier-free guidance scale")
+    grad_steps: int = opt(5, "K: UNet calls with gradient (every steps/K-th step, random offset)")
+    w: float = opt(0.3, "reweighting of the text-irrelevant score part (reference 0.3; 1 = plain score)")
+    checkpointing: Literal["unet", "blocks"] = opt("unet", "gradient calls: one checkpoint around the whole UNet (reference) or diffusers' per-block checkpointing (3.6x less memory)")
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = opt("runs/longalign", "where checkpoints, logs, samples and the LoRA go")
+    max_steps: int = opt(0, "optimizer steps; 0 = run the configured epochs")
+    epochs: int = opt(2, "passes over the data when max_steps is 0")
+    grad_accum: int = opt(1, "gradient accumulation steps")
+    seed: int = opt(0, "random seed (data order, noise, dropout)")
+    mixed_precision: Literal["no", "fp16", "bf16"] = opt("bf16", "accelerate mixed precision; frozen weights use this dtype")
+    gradient_checkpointing: bool = opt(False, "diffusers gradient checkpointing in the UNet")
+    save_every: int = opt(500, "checkpoint (accelerate save_state) every N steps")
+    keep_checkpoints: int = opt(2, "complete checkpoints kept on disk")
+    validate_every: int = opt(150, "validation images every N steps (align); 0 disables")
+    validation_prompts: list = opt([], "prompts for validation images (default: the first captions of the data)")
+    log_every: int = opt(10, "scalars to TensorBoard every N steps")
+    log_with: Literal["tensorboard", "none"] = opt("tensorboard", "experiment tracker")
+    resume: bool = opt(False, "continue from the latest complete checkpoint in output_dir")
+    device: Literal["auto", "cpu"] = opt("auto", "cpu forces the CPU even with a GPU present")
+
+
+@dataclass
+class TrainConfig:
+    stage: Literal["align", "reward"] = opt("align", "which stage this config runs")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "align": {"data.batch_size": 16, "run.grad_accum": 2, "run.epochs": 2, "run.save_every": 1250},
+    "reward": {"data.batch_size": 8, "run.epochs": 1, "run.save_every": 500, "run.validate_every": 0},
+}
+"""The reference's per-stage settings (SPEC §4), applied before the file and the command line."""
+
+
+class ConfigError(ValueError):
+    """A config key or value that does not fit the schema."""
+
+
+def _sections(cfg: Any, prefix: str = "") -> typing.Iterator[tuple[str, Any, dataclasses.Field]]:
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from _sections(value, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", hints[f.name], f
+
+
+def _coerce(key: str, hint: Any, value: Any) -> Any:
+    origin, args = get_origin(hint), get_args(hint)
+    if value is None and type(None) in args:
+        return None
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not one of {list(args)}")
+        return value
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        inner = [a for a in args if a is not type(None)][0]
+        return _coerce(key, inner, value)
+    if hint is bool:
+        if isinstance(value, str):
+            if value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if value.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return bool(value)
+    if hint is list or origin is list:
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                value = [v for v in value.split(",") if v]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return value
+    try:
+        return hint(value)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{key}: expected {getattr(hint, '__name__', hint)}, got {value!r}") from e
+
+
+def set_value(cfg: TrainConfig, key: str, value: Any) -> None:
+    """Set ``section.field`` on ``cfg``, checked against the schema."""
+    fields = {k: (hint, f) for k, hint, f in _sections(cfg)}
+    if key not in fields:
+        close = [k for k in fields if k.split(".")[-1] == key.split(".")[-1]]
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise ConfigError(f"unknown config key {key!r}{hint}")
+    target: Any = cfg
+    *path, last = key.split(".")
+    for part in path:
+        target = getattr(target, part)
+    setattr(target, last, _coerce(key, fields[key][0], value))
+
+
+def _flatten(data: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        if isinstance(v, dict) and f"{prefix}{k}" in {f.name for f in dataclasses.fields(TrainConfig)}:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def read_config_file(path: str) -> dict[str, Any]:
+    """A YAML (.yaml/.yml) or TOML (.toml) file as flat ``section.field`` keys."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path!r} does not exist")
+    with open(path, "rb") as f:
+        raw = f.read()
+    if path.endswith(".toml"):
+        import tomllib
+
+        data = tomllib.loads(raw.decode("utf-8"))
+    elif path.endswith((".yaml", ".yml")):
+        import yaml
+
+        data = yaml.safe_load(raw) or {}
+    else:
+        raise ConfigError(f"config file {path!r}: expected .yaml, .yml or .toml")
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path!r}: expected a mapping at the top level")
+    return _flatten(data)
+
+
+def build_parser(stage: str, description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=f"python -m training.{stage}", description=description,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--config", help="YAML or TOML config file; command-line options override it")
+    parser.add_argument("--tiny", action="store_true", help="shorthand for --model.tiny true (tiny random models, CPU demo)")
+    parser.add_argument("--resume", action="store_true", help="shorthand for --run.resume true")
+    defaults = TrainConfig(stage=stage)
+    for key, value in STAGE_DEFAULTS[stage].items():
+        set_value(defaults, key, value)
+    for key, hint, f in _sections(defaults):
+        if key == "stage":
+            continue
+        current = defaults
+        for part in key.split("."):
+            current = getattr(current, part)
+        choices = list(get_args(hint)) if get_origin(hint) is Literal else None
+        parser.add_argument(f"--{key}", default=argparse.SUPPRESS, metavar="V" if not choices else None,
+                            choices=choices, help=f"{f.metadata['help']} (default: {current!r})")
+    return parser
+
+
+def resolve(stage: str, args: argparse.Namespace) -> TrainConfig:
+    """Stage defaults, then the config file, then the command line."""
+    cfg = TrainConfig(stage=stage)
+    for key, value in STAGE_DEFAULTS[stage].items():
+        set_value(cfg, key, value)
+    if getattr(args, "config", None):
+        for key, value in read_config_file(args.config).items():
+            if key == "stage":
+                if value != stage:
+                    raise ConfigError(f"config file is for stage {value!r}, this is `training.{stage}`")
+                continue
+            set_value(cfg, key, value)
+    for key, value in vars(args).items():
+        if key in ("config", "tiny", "resume"):
+            continue
+        set_value(cfg, key, value)
+    cfg.model.tiny = cfg.model.tiny or getattr(args, "tiny", False)
+    cfg.run.resume = cfg.run.resume or getattr(args, "resume", False)
+    return cfg
+
+
+def as_dict(cfg: TrainConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def describe(cfg: TrainConfig) -> str:
+    """The resolved config, as printed at start and stored with every output."""
+    return json.dumps(as_dict(cfg), indent=2, sort_keys=False)

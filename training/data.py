@@ -1,0 +1,147 @@
+"""Training data: image-caption pairs for ``align``, prompts for the reward stages.
+
+Sources (``data.path``):
+* a folder of images, each with a ``.txt`` caption beside it (``cat.png`` + ``cat.txt``);
+* ``.jsonl`` / ``.csv`` / ``.parquet`` tables with ``path`` (relative to the table) and ``caption``;
+* a prompts file for the reward stages: ``.txt`` with one prompt per line, or any table above
+  (only ``caption`` is read; ``prompt`` / ``text`` are accepted as the column name too).
+A missing or corrupt image is skipped and counted, never fatal: the collate step drops it and the
+trainer reports the count.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+CAPTION_COLUMNS = ("caption", "prompt", "text")
+
+
+class DataError(ValueError):
+    """A dataset that cannot be used at all (missing, empty, unreadable table)."""
+
+
+@dataclass(frozen=True)
+class Record:
+    caption: str
+    image_path: str | None = None
+
+
+def _read_table(path: str) -> list[dict]:
+    if path.endswith(".jsonl"):
+        rows = []
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        raise DataError(f"{path}:{n}: not a JSON line ({e})") from e
+        return rows
+    if path.endswith(".csv"):
+        with open(path, encoding="utf-8", newline="") as f:
+            return list(csv.DictReader(f))
+    if path.endswith(".parquet"):
+        try:
+            import pyarrow.parquet as pq
+        except ImportError as e:
+            raise DataError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow)") from e
+        return pq.read_table(path).to_pylist()
+    raise DataError(f"{path}: expected a folder, .jsonl, .csv, .parquet or (prompts) .txt")
+
+
+def _caption(row: dict, where: str) -> str:
+    for column in CAPTION_COLUMNS:
+        if column in row and row[column] is not None:
+            return str(row[column]).replace("\n\n", " ").strip()
+    raise DataError(f"{where}: no caption column (expected one of {', '.join(CAPTION_COLUMNS)})")
+
+
+def read_records(path: str | None, need_images: bool) -> list[Record]:
+    """All records of a data source; images are only located here, opened at load time."""
+    if not path:
+        raise DataError("data.path is not set: give a folder, a table or a prompts file")
+    if not os.path.exists(path):
+        raise DataError(f"data.path {path!r} does not exist")
+    if os.path.isdir(path):
+        records = []
+        for name in sorted(os.listdir(path)):
+            stem, ext = os.path.splitext(name)
+            if ext.lower() in IMAGE_SUFFIXES:
+                caption_file = os.path.join(path, stem + ".txt")
+                if os.path.isfile(caption_file):
+                    with open(caption_file, encoding="utf-8") as f:
+                        records.append(Record(f.read().strip(), os.path.join(path, name)))
+    elif path.endswith(".txt"):
+        if need_images:
+            raise DataError(f"{path}: a .txt prompts file has no images; the align stage needs image-caption pairs")
+        with open(path, encoding="utf-8") as f:
+            records = [Record(line.strip()) for line in f if line.strip()]
+    else:
+        base = os.path.dirname(os.path.abspath(path))
+        records = []
+        for i, row in enumerate(_read_table(path)):
+            caption = _caption(row, f"{path} row {i}")
+            image = None
+            if need_images:
+                if not row.get("path"):
+                    raise DataError(f"{path} row {i}: no 'path' column; the align stage needs images")
+                image = os.path.join(base, str(row["path"]))
+            records.append(Record(caption, image))
+    if not records:
+        raise DataError(f"data.path {path!r} holds no usable records")
+    return records
+
+
+class ImageCaptionDataset(torch.utils.data.Dataset):
+    """(pixel_values in [-1, 1], caption); ``None`` for an image that is missing or corrupt."""
+
+    def __init__(self, records: list[Record], resolution: int):
+        self.records, self.resolution = records, resolution
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> dict | None:
+        record = self.records[i]
+        try:
+            with Image.open(record.image_path) as im:
+                image = im.convert("RGB")
+        except (OSError, UnidentifiedImageError, ValueError):
+            return None
+        # resize the short side to the resolution, centre crop (as the reference)
+        w, h = image.size
+        scale = self.resolution / min(w, h)
+        image = image.resize((max(self.resolution, round(w * scale)), max(self.resolution, round(h * scale))),
+                             Image.BILINEAR)
+        w, h = image.size
+        left, top = (w - self.resolution) // 2, (h - self.resolution) // 2
+        image = image.crop((left, top, left + self.resolution, top + self.resolution))
+        pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+        pixels = pixels.view(self.resolution, self.resolution, 3).permute(2, 0, 1).float() / 127.5 - 1.0
+        return {"pixel_values": pixels, "caption": record.caption}
+
+
+class PromptDataset(torch.utils.data.Dataset):
+    def __init__(self, records: list[Record]):
+        self.records = records
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"caption": self.records[i].caption}
+
+
+def collate(examples: list[dict | None]) -> dict:
+    """Stack the usable examples; ``skipped`` counts the unreadable ones dropped from this batch."""
+    good = [e for e in examples if e is not None]
+    batch: dict = {"caption": [e["caption"] for e in good], "skipped": len(examples) - len(good)}
+    if good and "pixel_values" in good[0]:
+        batch["pixel_values"] = torch.stack([e["pixel_values"] for e in good])
+    return batch

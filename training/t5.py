@@ -1,0 +1,157 @@
+"""The T5 branch of LongSD's text encoding ("ct5f", SPEC §1) and its conditioning.
+
+    t   = T5(tokens(caption, padded to L, truncated at L))   no attention mask (reference)   (B, L, d_t5)
+    a   = TextAdapter(t)                                                                        (B, L, 768)
+    c   = concat_seq([clip_concat (B, L, 768), a])                                              (B, 2L, 768)
+
+``clip_concat`` is the segment-level CLIP encoding of :func:`.encode.encode_long_prompts`; the empty
+prompt (classifier-free guidance) goes through the same path. The ComfyUI node and the trainer both
+call :func:`encode_ct5f`.
+
+T5 weights come from a transformers folder (``config.json`` + ``model.safetensors`` /
+``pytorch_model.bin``) or a single safetensors file, whose config is read off the tensor shapes;
+every weight file is read through :mod:`.safe_io`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, replace
+from typing import Mapping, Sequence
+
+import torch
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, T5Config, T5EncoderModel
+
+from .adapter import TextAdapter
+from .encode import LongPromptEncoding, SegmentOptions, TextEncoderBackend, encode_long_prompts
+from .safe_io import ModelFileError, load_tensors
+
+T5_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+T5_TOKENIZER_FILES = ("tokenizer.json", "spiece.model")
+
+
+def is_t5_folder(folder: str) -> bool:
+    """True if ``folder`` holds a transformers T5 ``config.json`` (``model_type`` t5)."""
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        return False
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f).get("model_type") == "t5"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def has_t5_tokenizer(folder: str) -> bool:
+    return any(os.path.isfile(os.path.join(folder, f)) for f in T5_TOKENIZER_FILES)
+
+
+def t5_tokenizer(folder: str) -> PreTrainedTokenizerBase:
+    """The T5 sentencepiece tokenizer from ``folder`` (``tokenizer.json`` or ``spiece.model``)."""
+    if not has_t5_tokenizer(folder):
+        raise ModelFileError(f"T5 tokenizer: {folder!r} holds none of {', '.join(T5_TOKENIZER_FILES)}")
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def _encoder_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The encoder's tensors under ``T5EncoderModel`` names (decoder and LM head dropped)."""
+    out = {k: v for k, v in state.items() if k.startswith(("encoder.", "shared."))}
+    shared = out.get("shared.weight", out.get("encoder.embed_tokens.weight"))
+    if shared is not None:  # T5EncoderModel ties the two; files may hold either
+        out["shared.weight"] = out["encoder.embed_tokens.weight"] = shared
+    return out
+
+
+def t5_config_from_state_dict(state: Mapping[str, torch.Tensor], what: str = "T5 weights") -> T5Config:
+    """A ``T5Config`` read off the tensor shapes of a T5 encoder state dict.
+
+    d_model and vocab from ``shared.weight (vocab, d_model)``; layers from ``encoder.block.<i>``;
+    heads and buckets from ``relative_attention_bias (buckets, heads)``; d_kv = q rows / heads;
+    ``wi`` means ReLU feed-forward (T5 1.0, T5-large), ``wi_0``/``wi_1`` gated GELU (T5 1.1).
+    """
+    try:
+        vocab, d_model = state["shared.weight"].shape
+        blocks = {int(m.group(1)) for k in state if (m := re.match(r"encoder\.block\.(\d+)\.", k))}
+        buckets, heads = state["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"].shape
+        inner = state["encoder.block.0.layer.0.SelfAttention.q.weight"].shape[0]
+        gated = "encoder.block.0.layer.1.DenseReluDense.wi_0.weight" in state
+        wi = state["encoder.block.0.layer.1.DenseReluDense." + ("wi_0" if gated else "wi") + ".weight"]
+    except KeyError as e:
+        raise ModelFileError(f"{what}: not a T5 encoder state dict (missing {e})") from e
+    return T5Config(
+        vocab_size=vocab, d_model=d_model, d_kv=inner // heads, d_ff=wi.shape[0], num_layers=len(blocks),
+        num_heads=heads, relative_attention_num_buckets=buckets,
+        feed_forward_proj="gated-gelu" if gated else "relu", is_encoder_decoder=False,
+    )
+
+
+def load_t5_encoder(path: str, dtype: torch.dtype = torch.float32) -> T5EncoderModel:
+    """A ``T5EncoderModel`` in eval mode from a transformers folder or a single safetensors file."""
+    if os.path.isdir(path):
+        if not is_t5_folder(path):
+            raise ModelFileError(f"T5 encoder: {path!r} has no T5 config.json (model_type 't5')")
+        weights = next((os.path.join(path, w) for w in T5_WEIGHT_FILES if os.path.isfile(os.path.join(path, w))), None)
+        if weights is None:
+            raise ModelFileError(f"T5 encoder: no weights in {path!r}; expected one of {', '.join(T5_WEIGHT_FILES)}")
+        config = T5Config.from_pretrained(path)
+        state = _encoder_state_dict(load_tensors(weights, "T5 encoder weights"))
+    else:
+        state = _encoder_state_dict(load_tensors(path, "T5 encoder weights"))
+        config = t5_config_from_state_dict(state, f"T5 encoder {path!r}")
+    model = T5EncoderModel(config)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:  # missing, unexpected or wrongly shaped tensors
+        raise ModelFileError(f"T5 encoder {path!r}: weights do not match the config: {e}") from e
+    return model.to(dtype).eval()
+
+
+@dataclass
+class T5Branch:
+    """T5 tokenizer + encoder + TextAdapter: the second half of the ct5f conditioning."""
+
+    tokenizer: PreTrainedTokenizerBase
+    encoder: T5EncoderModel
+    adapter: TextAdapter
+
+    def __post_init__(self) -> None:
+        d_t5, in_dim = self.encoder.config.d_model, self.adapter.config.in_dim
+        if d_t5 != in_dim:
+            raise ValueError(f"T5 d_model {d_t5} does not match the TextAdapter's in_dim {in_dim}")
+
+    def encode(self, texts: Sequence[str], token_length: int) -> torch.Tensor:
+        """``TextAdapter(T5(ids))``, ids padded/truncated to ``token_length``, no mask: (B, L, out_dim)."""
+        if token_length < 1:
+            raise ValueError(f"the T5 branch needs token_length >= 1 (reference: 240), got {token_length}")
+        ids = self.tokenizer(list(texts), max_length=token_length, padding="max_length", truncation=True,
+                             return_tensors="pt").input_ids.to(self.encoder.device)
+        hidden = self.encoder(input_ids=ids).last_hidden_state
+        adapter_param = next(self.adapter.parameters())
+        return self.adapter(hidden.to(adapter_param.device, adapter_param.dtype)).sample
+
+
+def encode_ct5f(
+    texts: Sequence[str],
+    backend: TextEncoderBackend,
+    branch: T5Branch,
+    options: SegmentOptions = SegmentOptions(),
+    pad: torch.Tensor | None = None,
+) -> LongPromptEncoding:
+    """``cat([clip_concat (B, L, D), adapter(T5) (B, L, D)], dim=1)``: LongSD's (B, 2L, D) conditioning.
+
+    The CLIP half needs a fixed length (``token_length > 0`` with pad ``mean``) so both halves have L rows.
+    """
+    if options.token_length < 1 or options.pad != "mean":
+        raise ValueError(
+            "the ct5f (CLIP + T5) conditioning needs token_length >= 1 and pad 'mean' (reference: 240, mean), "
+            f"got token_length {options.token_length} and pad {options.pad!r}"
+        )
+    clip = encode_long_prompts(texts, backend, options, pad)
+    t5 = branch.encode(texts, options.token_length)
+    if t5.shape[-1] != clip.cond.shape[-1]:
+        raise ValueError(
+            f"the TextAdapter's out_dim {t5.shape[-1]} does not match the CLIP width {clip.cond.shape[-1]}"
+        )
+    cond = torch.cat([clip.cond, t5.to(clip.cond.device, clip.cond.dtype)], dim=1)
+    return replace(clip, cond=cond)
