@@ -114,3 +114,165 @@ def test_help_explains_every_option():
     for option in ("--sampling.grad_steps", "--sampling.w", "--sampling.guidance", "--lora.rank", "--resume",
                    "--optim.max_grad_norm", "--data.path"):
         assert option in out.stdout
+
+
+def _tiny_reward_setup(rank: int = 4):
+    """Tiny components with a LoRA whose up weights are non-zero (so every LoRA tensor gets a gradient)."""
+    from training.clip_text import TransformersClipBackend
+    from training.conditioning import TextConditioner
+    from training.config import ModelConfig
+    from training.lora import add_lora
+    from training.models import load_components
+    from training.tiny import tiny_reward_model
+
+    c = load_components(ModelConfig(tiny=True))
+    for m in (c.unet, c.vae, c.text_encoder):
+        m.requires_grad_(False)
+    params = add_lora(c.unet, rank, float(rank))
+    conditioner = TextConditioner(TransformersClipBackend(c.tokenizer, c.text_encoder), 77)
+    return c, params, conditioner, tiny_reward_model()
+
+
+class RecordingDenoiser:
+    def __init__(self, inner):
+        self.inner, self.grad_calls, self.graph_in_no_grad = inner, 0, []
+
+    def no_grad(self, x, t, context):
+        out = self.inner.no_grad(x, t, context)
+        self.graph_in_no_grad.append(torch.is_grad_enabled() or out.requires_grad)
+        return out
+
+    def with_grad(self, x, t, context):
+        self.grad_calls += 1
+        assert not x.requires_grad  # the reference: gradient calls run on a detached input
+        return self.inner.with_grad(x, t, context)
+
+
+@pytest.mark.parametrize("checkpointing", ["unet", "blocks"])
+def test_reward_loop_gradients_reach_lora_only_and_only_k_calls_build_a_graph(checkpointing):
+    from training.denoisers import CheckpointedUNet
+    from training.objectives.reward import RewardObjective
+
+    c, params, conditioner, scorer = _tiny_reward_setup()
+    with torch.no_grad():
+        for name, p in c.unet.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.01)
+    denoiser = RecordingDenoiser(CheckpointedUNet(c.unet, checkpointing))
+    objective = RewardObjective(denoiser, c.vae, c.scheduler, conditioner, scorer, (4, 8, 8), steps=10,
+                                guidance=7.5, grad_steps=2, w=0.3, gather=None, weight_dtype=torch.float32)
+    loss, logs = objective.loss({"caption": ["A red cat. It sleeps.", "A blue car on a road."]},
+                                torch.Generator().manual_seed(0))
+    loss.backward()
+    assert denoiser.grad_calls == 2 and len(denoiser.graph_in_no_grad) == 8 and not any(denoiser.graph_in_no_grad)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0 for p in params)
+    lora_ids = {id(p) for p in params}
+    frozen = [p for m in (c.unet, c.vae, c.text_encoder, scorer.model) for p in m.parameters() if id(p) not in lora_ids]
+    assert all(p.grad is None for p in frozen)
+    assert set(logs) == {"reward", "score", "text_relevant", "text_irrelevant"}
+
+
+def _eval_reward(lora_path: str | None, prompts: list[str]) -> float:
+    """The reweighted reward of the tiny model (+ LoRA) on a fixed batch and fixed noise."""
+    from training.denoisers import CheckpointedUNet
+    from training.lora import merge_kohya_lora
+    from training.objectives.reward import RewardObjective
+    from training.safe_io import load_tensors
+
+    c, _, conditioner, scorer = _tiny_reward_setup()
+    if lora_path:
+        merge_kohya_lora(c.unet, load_tensors(lora_path))
+    objective = RewardObjective(CheckpointedUNet(c.unet), c.vae, c.scheduler, conditioner, scorer, (4, 8, 8),
+                                steps=4, guidance=7.5, grad_steps=0, w=0.3, gather=None, weight_dtype=torch.float32)
+    with torch.no_grad():
+        rewards = [float(objective.loss({"caption": prompts}, torch.Generator().manual_seed(s))[1]["reward"])
+                   for s in range(3)]
+    return sum(rewards) / len(rewards)
+
+
+def test_reward_stage_raises_the_reward_on_a_fixed_batch(prompts, tmp_path):
+    out = str(tmp_path / "reward")
+    run_stage("reward", "--data.path", prompts, "--data.batch_size", "4", "--run.max_steps", "20",
+              "--sampling.steps", "4", "--sampling.grad_steps", "2", "--optim.lr", "3e-3",
+              "--run.save_every", "0", "--run.output_dir", out)
+    texts = [line.strip() for line in open(prompts, encoding="utf-8")]
+    before, after = _eval_reward(None, texts), _eval_reward(os.path.join(out, "lora_weights.safetensors"), texts)
+    assert after > before, (before, after)
+    logged = metrics(out)
+    assert len(logged) == 20 and all("text_relevant" in m and "grad_norm" in m for m in logged)
+
+
+@pytest.mark.server
+def test_trained_lora_loads_with_the_stock_loraloader_and_changes_the_image(align_run, comfy_server):
+    import shutil
+
+    from workflows import load_example, shrink
+
+    loras = os.path.join(comfy_server.base_dir, "models", "loras")
+    os.makedirs(loras, exist_ok=True)
+    shutil.copy(os.path.join(align_run, "lora_weights.safetensors"), os.path.join(loras, "trained_align.safetensors"))
+    base = shrink(load_example("long_prompt_sd15_api.json"), "tiny_sd15.safetensors", prefix="no_lora")
+    with_lora = shrink(base, "tiny_sd15.safetensors", prefix="with_lora")
+    with_lora["10"] = {"class_type": "LoraLoader", "inputs": {
+        "model": ["1", 0], "clip": ["1", 1], "lora_name": "trained_align.safetensors",
+        "strength_model": 1.0, "strength_clip": 1.0}}
+    with_lora["5"]["inputs"]["model"] = ["10", 0]
+    log_before = len(comfy_server.log())
+    images = []
+    for wf in (base, with_lora):
+        entry = comfy_server.run(wf)
+        assert entry["status"]["status_str"] == "success", entry["status"]
+        info = entry["outputs"]["7"]["images"][0]
+        from PIL import Image
+
+        with Image.open(os.path.join(comfy_server.base_dir, "output", info.get("subfolder", ""), info["filename"])) as im:
+            images.append(torch.tensor(list(im.convert("RGB").getdata()), dtype=torch.float32))
+    assert (images[0] - images[1]).abs().max() > 0
+    assert "lora key not loaded" not in comfy_server.log()[log_before:]
+
+
+def accelerate_launch() -> list[str]:
+    """``accelerate launch`` with two processes. On a machine without GPUs, ``--multi_gpu`` starts two
+    CPU processes (MULTI_CPU, gloo); ``--cpu --num_processes 2`` would need MPI."""
+    from comfy_server import free_port
+
+    return [__import__("sys").executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", str(free_port())]
+
+
+def test_two_process_reward_run_writes_once_and_resumes(prompts, tmp_path):
+    out = str(tmp_path / "ddp")
+    common = ["--data.path", prompts, "--data.batch_size", "2", "--sampling.steps", "2", "--sampling.grad_steps", "1",
+              "--run.save_every", "1", "--run.output_dir", out]
+    first = run_stage("reward", *common, "--run.max_steps", "1", launcher=accelerate_launch())
+    assert "processes: 2" in first.stderr
+    assert os.listdir(os.path.join(out, "checkpoints")) == ["step-0000001"]
+    assert len(metrics(out)) == 1  # only the main process logs
+    resumed = run_stage("reward", *common, "--run.max_steps", "2", "--resume", launcher=accelerate_launch())
+    assert "resumed from" in resumed.stderr and "step-0000001" in resumed.stderr
+    assert [m["step"] for m in metrics(out)] == [1, 2]
+    assert os.path.isfile(os.path.join(out, "lora_weights.safetensors"))
+
+
+def test_common_direction_is_gathered_over_processes(tmp_path):
+    script = tmp_path / "gather_check.py"
+    script.write_text(
+        "import torch, torch.nn.functional as F\n"
+        "from accelerate import Accelerator\n"
+        "from training.scoring import resolve_direction\n"
+        "from training.tiny import tiny_reward_model\n"
+        "acc = Accelerator(cpu=True)\n"
+        "assert acc.num_processes == 2\n"
+        "f_T = F.normalize(torch.randn(6, 16, generator=torch.Generator().manual_seed(0)), dim=-1)\n"
+        "mine = f_T[3 * acc.process_index: 3 * acc.process_index + 3]\n"
+        "v = resolve_direction(tiny_reward_model(), 'batch', mine, gather=acc.gather).v\n"
+        "expected = F.normalize(f_T.mean(0), dim=0)\n"
+        "torch.testing.assert_close(v, expected)\n"
+        "print('rank', acc.process_index, 'ok')\n"
+    )
+    env = {**os.environ, "PYTHONPATH": REPO}
+    out = subprocess.run([*accelerate_launch(), str(script)], cwd=REPO, capture_output=True, text=True, timeout=300,
+                         env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.count("ok") == 2

@@ -34,7 +34,7 @@ from .data import DataError, ImageCaptionDataset, PromptDataset, collate, read_r
 from .lora import add_lora, kohya_state_dict, merge_kohya_lora
 from .lora_format import load_reference_lora
 from .models import load_components
-from .safe_io import atomic_open, load_tensors, save_tensors
+from .safe_io import atomic_open, commit_folder, load_tensors, save_tensors
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
@@ -118,6 +118,8 @@ def train(cfg: TrainConfig, build_run) -> str:
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
     set_seed(cfg.run.seed)
+    print(f"[train] process {accelerator.process_index}; processes: {accelerator.num_processes}; "
+          f"device: {accelerator.device}; {accelerator.distributed_type}", file=sys.stderr, flush=True)
     if accelerator.is_main_process:
         print(config_mod.describe(cfg), flush=True)
         os.makedirs(out, exist_ok=True)
@@ -197,9 +199,16 @@ def train(cfg: TrainConfig, build_run) -> str:
         if ckpt is None:
             print(f"[train] --resume: no complete checkpoint in {out}; starting from step 0", file=sys.stderr)
         else:
-            accelerator.load_state(ckpt)
-            with open(os.path.join(ckpt, STATE_FILE), encoding="utf-8") as f:
-                step = json.load(f)["step"]
+            try:  # accelerate unpickles optimizer/scheduler/RNG states weights-only: no code runs
+                accelerator.load_state(ckpt)
+                with open(os.path.join(ckpt, STATE_FILE), encoding="utf-8") as f:
+                    step = int(json.load(f)["step"])
+            except Exception as e:  # noqa: BLE001  (torch, accelerate and json raise many types)
+                raise TrainingError(
+                    f"--resume: checkpoint {ckpt} cannot be loaded ({type(e).__name__}: {e}); it is damaged, from "
+                    "another configuration, or holds objects other than tensors (refused); delete it to resume "
+                    "from the one before"
+                ) from e
             print(f"[train] resumed from {ckpt} at step {step}", file=sys.stderr)
     if accelerator.is_main_process:
         accelerator.init_trackers("longalign", config={k: str(v) for k, v in config_mod.as_dict(cfg).items()})
@@ -211,13 +220,20 @@ def train(cfg: TrainConfig, build_run) -> str:
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
         accelerator.wait_for_everyone()
-        accelerator.save_state(tmp)
-        accelerator.wait_for_everyone()
+        try:
+            accelerator.save_state(tmp)
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                with atomic_open(os.path.join(tmp, STATE_FILE)) as f:
+                    json.dump({"step": step, "stage": cfg.stage}, f)
+                commit_folder(tmp, final)
+        except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise TrainingError(
+                f"could not write the checkpoint {final} at step {step} (disk full?): {e}; the last complete "
+                f"checkpoint {latest_checkpoint(out) or '(none yet)'} is kept: free space and rerun with --resume"
+            ) from e
         if accelerator.is_main_process:
-            with atomic_open(os.path.join(tmp, STATE_FILE)) as f:
-                json.dump({"step": step, "stage": cfg.stage}, f)
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
             done = sorted(d for d in os.listdir(root) if d.startswith("step-") and not d.endswith(".tmp"))
             for old in done[:-cfg.run.keep_checkpoints]:
                 shutil.rmtree(os.path.join(root, old), ignore_errors=True)
@@ -229,7 +245,7 @@ def train(cfg: TrainConfig, build_run) -> str:
     nonfinite_in_a_row = nonfinite_total = 0
     last_logs: dict[str, torch.Tensor] = {}
     grad_norm = torch.tensor(0.0)
-    start = time.perf_counter()
+    start, first_step = time.perf_counter(), step
     done_batches = step * cfg.run.grad_accum
     epoch, skip = divmod(done_batches, batches_per_epoch)
     unet.train()
@@ -246,14 +262,18 @@ def train(cfg: TrainConfig, build_run) -> str:
             generator = step_generator(cfg.run.seed, step, micro % cfg.run.grad_accum, accelerator.process_index, device)
             with accelerator.accumulate(*trainable):
                 loss, logs = run.objective.loss(batch, generator)
-                if not torch.isfinite(loss):
+                finite = torch.isfinite(loss.detach())
+                if accelerator.num_processes > 1:  # skip together: a lone skipper would hang DDP's backward
+                    finite = accelerator.gather(finite.reshape(1)).all()
+                if not finite:
                     nonfinite_in_a_row += 1
                     nonfinite_total += 1
                     optimizer.zero_grad(set_to_none=True)
                     if nonfinite_in_a_row >= MAX_NONFINITE_IN_A_ROW:
                         raise TrainingError(
-                            f"{nonfinite_in_a_row} non-finite losses in a row at step {step}: stopping; the last "
-                            f"complete checkpoint is {latest_checkpoint(out)}"
+                            f"{nonfinite_in_a_row} non-finite (NaN/inf) losses in a row at step {step}: stopping "
+                            f"(lower optim.lr or check the data); the last complete checkpoint is "
+                            f"{latest_checkpoint(out) or '(none yet)'}"
                         )
                     continue
                 nonfinite_in_a_row = 0
@@ -276,7 +296,7 @@ def train(cfg: TrainConfig, build_run) -> str:
                 if accelerator.is_main_process:
                     with open(os.path.join(out, METRICS_FILE), "a", encoding="utf-8") as f:
                         f.write(json.dumps({"step": step, **scalars}) + "\n")
-                rate = (progress.n - progress.initial) / max(time.perf_counter() - start, 1e-9)
+                rate = (step - first_step) / max(time.perf_counter() - start, 1e-9)
                 progress.set_postfix({k: f"{v:.4g}" for k, v in scalars.items() if k in ("loss", "reward")} | {"it/s": f"{rate:.3g}"})
             if cfg.run.save_every and step % cfg.run.save_every == 0 and step < total_steps:
                 save_checkpoint()
@@ -303,8 +323,7 @@ def train(cfg: TrainConfig, build_run) -> str:
                 tmp = folder + ".tmp"
                 shutil.rmtree(tmp, ignore_errors=True)
                 raw.save_pretrained(tmp)
-                shutil.rmtree(folder, ignore_errors=True)
-                os.replace(tmp, folder)
+                commit_folder(tmp, folder)
         print(f"[train] {step} steps; LoRA written to {lora_path}; skipped images: {skipped_images}; "
               f"non-finite losses skipped: {nonfinite_total}", flush=True)
     accelerator.end_training()
