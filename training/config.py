@@ -70,7 +70,7 @@ class SamplingConfig:
     guidance: float = opt(7.5, "classifier-free guidance scale")
     grad_steps: int = opt(5, "K: UNet calls with gradient (every steps/K-th step, random offset)")
     w: float = opt(0.3, "reweighting of the text-irrelevant score part (reference 0.3; 1 = plain score)")
-    checkpointing: Literal["unet", "blocks"] = opt("unet", "gradient calls: one checkpoint around the whole UNet (reference) or diffusers' per-block checkpointing (3.6x less memory)")
+    decode_chunk: int = opt(2, "fast mode: images decoded and back-propagated into x0 at a time (memory); 0 = whole batch")
 
 
 @dataclass
@@ -90,6 +90,8 @@ class RunConfig:
     log_with: Literal["tensorboard", "none"] = opt("tensorboard", "experiment tracker")
     resume: bool = opt(False, "continue from the latest complete checkpoint in output_dir")
     device: Literal["auto", "cpu"] = opt("auto", "cpu forces the CPU even with a GPU present")
+    mode: Literal["fast", "reference"] = opt("fast", "fast: merged-weight no-grad calls, per-block checkpointing, chunked decode, fused AdamW; reference: the reference's own way (for comparison; same method, same numbers)")
+    compile: Literal["auto", "on", "off"] = opt("auto", "torch.compile the fast mode's no-grad UNet (auto: on with CUDA)")
 
 
 @dataclass
@@ -211,6 +213,7 @@ def build_parser(stage: str, description: str) -> argparse.ArgumentParser:
     parser.add_argument("--config", help="YAML or TOML config file; command-line options override it")
     parser.add_argument("--tiny", action="store_true", help="shorthand for --model.tiny true (tiny random models, CPU demo)")
     parser.add_argument("--resume", action="store_true", help="shorthand for --run.resume true")
+    parser.add_argument("--mode", choices=["fast", "reference"], help="shorthand for --run.mode")
     defaults = TrainConfig(stage=stage)
     for key, value in STAGE_DEFAULTS[stage].items():
         set_value(defaults, key, value)
@@ -239,11 +242,13 @@ def resolve(stage: str, args: argparse.Namespace) -> TrainConfig:
                 continue
             set_value(cfg, key, value)
     for key, value in vars(args).items():
-        if key in ("config", "tiny", "resume"):
+        if key in ("config", "tiny", "resume", "mode"):
             continue
         set_value(cfg, key, value)
     cfg.model.tiny = cfg.model.tiny or getattr(args, "tiny", False)
     cfg.run.resume = cfg.run.resume or getattr(args, "resume", False)
+    if getattr(args, "mode", None):
+        cfg.run.mode = args.mode
     return cfg
 
 

@@ -37,6 +37,18 @@ def convert(src: str, dst: str, unet_config: dict | None = None) -> dict[str, st
     return metadata
 
 
+def _read_unet_config(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ModelFileError(f"--unet-config {path!r}: not a readable JSON file ({e})") from e
+    if not isinstance(config, dict):
+        raise ModelFileError(f"--unet-config {path!r}: holds a {type(config).__name__}, expected a diffusers "
+                             "UNet2DConditionModel config (a JSON object)")
+    return config
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m training.convert_lora",
@@ -50,13 +62,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.dst.lower().endswith(".safetensors"):
         parser.error(f"OUT must end with .safetensors, got {args.dst!r}")
-    config = None
-    if args.unet_config:
-        with open(args.unet_config, encoding="utf-8") as f:
-            config = json.load(f)
     try:
+        config = _read_unet_config(args.unet_config) if args.unet_config else None
         meta = convert(args.src, args.dst, config)
-    except ModelFileError as e:
+    except (ModelFileError, OSError) as e:  # OSError: the output could not be written (disk full, permissions)
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {args.dst}: {meta['layers']} layers, rank {meta['rank']}")

@@ -11,6 +11,7 @@ trainer reports the count.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from dataclasses import dataclass
@@ -32,26 +33,41 @@ class Record:
     image_path: str | None = None
 
 
+def _read_text(path: str) -> str:
+    """A caption, prompts or table file as text; unreadable or non-UTF-8 files raise :class:`DataError`."""
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: not readable as UTF-8 text ({e})") from e
+
+
 def _read_table(path: str) -> list[dict]:
     if path.endswith(".jsonl"):
         rows = []
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        raise DataError(f"{path}:{n}: not a JSON line ({e})") from e
+        for n, line in enumerate(_read_text(path).split("\n"), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{n}: not a JSON line ({e})") from e
+                if not isinstance(rows[-1], dict):
+                    raise DataError(f"{path}:{n}: expected a JSON object, found {type(rows[-1]).__name__}")
         return rows
     if path.endswith(".csv"):
-        with open(path, encoding="utf-8", newline="") as f:
-            return list(csv.DictReader(f))
+        try:
+            return list(csv.DictReader(io.StringIO(_read_text(path))))
+        except csv.Error as e:
+            raise DataError(f"{path}: not a readable CSV table ({e})") from e
     if path.endswith(".parquet"):
         try:
             import pyarrow.parquet as pq
         except ImportError as e:
             raise DataError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow)") from e
-        return pq.read_table(path).to_pylist()
+        try:
+            return pq.read_table(path).to_pylist()
+        except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+            raise DataError(f"{path}: not a readable Parquet table ({e})") from e
     raise DataError(f"{path}: expected a folder, .jsonl, .csv, .parquet or (prompts) .txt")
 
 
@@ -75,13 +91,11 @@ def read_records(path: str | None, need_images: bool) -> list[Record]:
             if ext.lower() in IMAGE_SUFFIXES:
                 caption_file = os.path.join(path, stem + ".txt")
                 if os.path.isfile(caption_file):
-                    with open(caption_file, encoding="utf-8") as f:
-                        records.append(Record(f.read().strip(), os.path.join(path, name)))
+                    records.append(Record(_read_text(caption_file).strip(), os.path.join(path, name)))
     elif path.endswith(".txt"):
         if need_images:
             raise DataError(f"{path}: a .txt prompts file has no images; the align stage needs image-caption pairs")
-        with open(path, encoding="utf-8") as f:
-            records = [Record(line.strip()) for line in f if line.strip()]
+        records = [Record(line.strip()) for line in _read_text(path).split("\n") if line.strip()]
     else:
         base = os.path.dirname(os.path.abspath(path))
         records = []

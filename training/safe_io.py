@@ -6,13 +6,17 @@ error names the file, the format expected and what was found.
 
 Writing: every output goes to a temporary file in the destination's folder, is flushed and
 fsync'ed, then renamed over the destination, so a reader sees the old complete file or the new
-complete file, never a partial one.
+complete file, never a partial one. A writer killed mid-write leaves its temporary file behind as a
+hidden ``.<name>.<random>.tmp`` beside the destination (nothing can clean up after SIGKILL); no
+reader of this pack or ComfyUI lists such names. Folders (checkpoints, adapters) are written under
+a ``.tmp`` name and committed with :func:`commit_folder`.
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from typing import IO, Any, Callable, Iterator
 
@@ -50,10 +54,12 @@ def load_tensors(path: str, what: str = "model file", device: str = "cpu") -> di
         obj = load_pickle(path, what, device)
         if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
             obj = obj["state_dict"]
-        if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-            raise ModelFileError(
-                f"{what}: {path!r} holds {type(obj).__name__}, expected a dict of tensors"
-            )
+        if not isinstance(obj, dict):
+            raise ModelFileError(f"{what}: {path!r} holds a {type(obj).__name__}, expected a dict of tensors")
+        bad = next((k for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)), None)
+        if bad is not None:
+            raise ModelFileError(f"{what}: {path!r} holds a dict whose entry {bad!r} is a "
+                                 f"{type(obj[bad]).__name__}, expected a dict of tensors with string names")
         return obj
     raise ModelFileError(
         f"{what}: {path!r} has an unknown extension; expected one of "
@@ -87,18 +93,41 @@ def atomic_path(path: str) -> Iterator[str]:
     os.close(fd)
     try:
         yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        _fsync(tmp)
         os.replace(tmp, path)
-        with contextlib.suppress(OSError):
-            dir_fd = os.open(folder, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+        _fsync_folder(folder)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
+
+
+def _fsync(path: str) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_folder(folder: str) -> None:
+    """Make a rename inside ``folder`` durable (not every file system allows it: best effort)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def commit_folder(tmp: str, final: str) -> str:
+    """Make the finished folder ``tmp`` the folder ``final``: fsync every file in it, then rename it
+    over ``final`` (an old ``final`` is removed first). A reader never sees a half-written folder
+    under ``final``; after a crash before the rename only ``tmp`` is left, for the caller to ignore."""
+    for folder, _, files in os.walk(tmp):
+        for name in files:
+            _fsync(os.path.join(folder, name))
+        _fsync_folder(folder)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    _fsync_folder(os.path.dirname(os.path.abspath(final)))
+    return final
 
 
 @contextlib.contextmanager

@@ -23,6 +23,9 @@ import torch
 class Denoiser(Protocol):
     """Predicts epsilon for the stacked ``[cond; uncond]`` batch."""
 
+    def prepare(self) -> None:
+        """Called once before each sampling pass (the LoRA may have changed since the last)."""
+
     def no_grad(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor: ...
 
     def with_grad(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor: ...
@@ -82,6 +85,7 @@ def sample_x0(
     x, x0 = noise, noise
     grad_set = set(grad_indices)
     B = noise.shape[0]
+    denoiser.prepare()
     for i, t in enumerate(timesteps):
         t_batch = torch.full((2 * B,), t, device=noise.device, dtype=torch.long)
         if i in grad_set:

@@ -6,7 +6,7 @@ import sys
 from . import config as config_mod
 from .config import ConfigError, TrainConfig
 from .data import DataError
-from .denoisers import CheckpointedUNet
+from .denoisers import CheckpointedUNet, MergedShadowUNet
 from .objectives.align import AlignObjective
 from .objectives.reward import RewardObjective
 from .safe_io import ModelFileError
@@ -21,6 +21,8 @@ DESCRIPTIONS = {
 
 
 def build_align(cfg: TrainConfig, components, accelerator, dtype, conditioner) -> Run:
+    if cfg.run.gradient_checkpointing:
+        accelerator.unwrap_model(components.unet).enable_gradient_checkpointing()
     return Run(AlignObjective(components.unet, components.vae, components.scheduler, conditioner,
                               cfg.data.caption_dropout, dtype))
 
@@ -43,10 +45,16 @@ def build_reward(cfg: TrainConfig, components, accelerator, dtype, conditioner) 
                     else accelerator.unwrap_model(components.unet).config.in_channels,
                     resolution // factor, resolution // factor)
     gather = accelerator.gather if accelerator.num_processes > 1 else None
-    denoiser = CheckpointedUNet(components.unet, cfg.sampling.checkpointing)
+    fast = cfg.run.mode == "fast"
+    if fast:
+        compile_ = cfg.run.compile == "on" or (cfg.run.compile == "auto" and accelerator.device.type == "cuda")
+        denoiser = MergedShadowUNet(components.unet, compile=compile_)
+    else:
+        denoiser = CheckpointedUNet(components.unet, "unet")
     return Run(RewardObjective(denoiser, components.vae, components.scheduler, conditioner, scorer, latent_shape,
                                cfg.sampling.steps, cfg.sampling.guidance, cfg.sampling.grad_steps, cfg.sampling.w,
-                               gather, dtype))
+                               gather, dtype, decode_chunk=cfg.sampling.decode_chunk if fast else 0,
+                               reference_encodes_images=not fast))
 
 
 BUILDERS = {"align": build_align, "reward": build_reward}

@@ -153,7 +153,7 @@ def train(cfg: TrainConfig, build_run) -> str:
     params = lora_params + [p for m in run.extra_modules for p in m.parameters() if p.requires_grad]
 
     optimizer_cls = torch.optim.AdamW
-    optim_kw = {"fused": True} if device.type == "cuda" else {}
+    optim_kw = {"fused": True} if device.type == "cuda" and cfg.run.mode == "fast" else {}
     if cfg.optim.use_8bit_adam:
         try:
             import bitsandbytes as bnb

@@ -1,0 +1,198 @@
+"""The pack in ComfyUI's real front end (``comfyui-frontend-package``) in Debian's headless Chromium,
+driven by Playwright: the examples load with no missing node and convert to the prompts the Python
+side expects, the token counter shows the server's counts, and the reward scores appear after a run.
+
+Screenshots go to ``$LONGALIGN_ARTIFACTS`` (default: pytest's temporary folder) and, for the README,
+to ``docs/screenshots/``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+import urllib.request
+
+import pytest
+
+from comfy_inprocess import REPO
+from ui_workflows import UI_EXAMPLES, load_ui, ui_to_api
+from workflows import load_example
+
+pytestmark = pytest.mark.server
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+SCREENSHOTS = os.path.join(REPO, "docs", "screenshots")
+TINY_NAMES = {"ckpt_name": "tiny_sd15.safetensors", "model_name": "tiny_denscore", "device": "cpu",
+              "width": 64, "height": 64, "steps": 2}
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory):
+    path = os.environ.get("LONGALIGN_ARTIFACTS") or str(tmp_path_factory.mktemp("browser-artifacts"))
+    os.makedirs(path, exist_ok=True)
+    os.makedirs(SCREENSHOTS, exist_ok=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(comfy_server):
+    """The session's server with a tiny Denscore model and the first-run tutorial marked done."""
+    from tiny_models import build_tiny_clipmodel
+
+    target = os.path.join(comfy_server.base_dir, "models", "reward_models", "tiny_denscore")
+    if not os.path.isdir(target):
+        build_tiny_clipmodel(target)
+    for setting in ("Comfy.TutorialCompleted", "Comfy.Minimap.Visible"):  # no first-run dialog, no minimap
+        status, _ = comfy_server.request(f"/settings/{setting}", setting == "Comfy.TutorialCompleted")
+        assert status == 200
+    return comfy_server
+
+
+@pytest.fixture(scope="module")
+def page(server):
+    from playwright.sync_api import sync_playwright
+
+    assert os.access(CHROMIUM, os.X_OK), "Debian's chromium is missing: run tests/comfy_env.sh"
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1600, "height": 1000})
+        page.add_init_script("localStorage.setItem('vueNodesBannerDismissed', 'true')")  # the Nodes 2.0 banner
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(server.url)
+        page.wait_for_function("window.app?.graph && window.app.extensions?.some(e => e.name === 'LongAlign.FrontEnd')",
+                               timeout=60_000)
+        page.longalign_errors = errors
+        yield page
+        browser.close()
+
+
+def load(page, ui: dict) -> None:
+    """Load ``ui`` as a user opening the file would; the front end's schema check must pass."""
+    page.evaluate("async (ui) => { await app.loadGraphData(ui, true, true, 'test'); }", ui)
+    page.wait_for_timeout(300)
+    assert "Invalid workflow" not in page.evaluate("document.body.innerText")
+
+
+def screenshot(page, *paths: str) -> None:
+    """The whole graph at the saved view (the front end may keep the previous view)."""
+    page.evaluate("() => { const ds = app.graph.extra.ds; app.canvas.ds.scale = ds.scale;"
+                  " app.canvas.ds.offset = [...ds.offset]; app.canvas.setDirty(true, true); }")
+    page.wait_for_timeout(300)
+    for path in paths:
+        page.screenshot(path=path)
+
+
+def node_eval(page, node_id: int, body: str):
+    """Evaluate ``body`` (a JS expression over ``node``) for the graph's node ``node_id``."""
+    return page.evaluate(f"(id) => {{ const node = app.graph.getNodeById(id); return {body}; }}", node_id)
+
+
+def wait_for_history(server, node_id: str, timeout: float = 60.0) -> dict:
+    """The finished history entry with an output from ``node_id`` (the UI shows a node's output
+    before the whole prompt, and its history entry, is done)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done = [e for e in server.get("/history").values()
+                if node_id in e["outputs"] and e["status"].get("completed") is not None]
+        if done:
+            return done[-1]
+        time.sleep(0.25)
+    raise TimeoutError(f"no finished prompt with an output from node {node_id} in /history")
+
+
+def test_the_server_serves_the_front_end_and_the_extension(server, page):
+    with urllib.request.urlopen(server.url + "/") as r:
+        html = r.read().decode()
+    assert "<div id=\"vue-app\"" in html or "comfy" in html.lower()
+    with urllib.request.urlopen(server.url + "/extensions/ComfyUI-LongAlign/js/longalign.js") as r:
+        assert "registerExtension" in r.read().decode()
+    assert page.evaluate("!!LiteGraph.registered_node_types['LongAlignTextEncode']")
+
+
+@pytest.mark.parametrize("name", list(UI_EXAMPLES))
+def test_example_loads_with_no_missing_node_and_converts_like_the_python_side(server, page, artifacts, name):
+    ui = load_ui(name)
+    load(page, ui)
+    types = page.evaluate("app.graph.nodes.map(n => n.type)")
+    assert sorted(types) == sorted(n["type"] for n in ui["nodes"])
+    assert page.evaluate("app.graph.nodes.every(n => !n.has_errors && LiteGraph.registered_node_types[n.type])")
+    dialogs = page.evaluate("[...document.querySelectorAll('.p-dialog')].map(d => d.innerText)")
+    assert not [d for d in dialogs if "missing" in d.lower()], dialogs
+    prompt = page.evaluate("async () => (await app.graphToPrompt()).output")
+    for node in prompt.values():
+        node.pop("_meta", None)
+    assert prompt == ui_to_api(ui, server.get("/object_info"))
+    for element in page.evaluate("app.graph.nodes.filter(n => n.comfyClass === 'LongAlignTextEncode').map(n => n.id)"):
+        page.wait_for_function("(id) => app.graph.getNodeById(id).widgets.find(w => w.name === 'longalign_counter')"
+                               ".element.dataset.kept !== undefined", arg=element)
+    png = name.replace(".json", ".png")
+    screenshot(page, os.path.join(artifacts, png), os.path.join(SCREENSHOTS, png))
+    assert page.longalign_errors == []
+
+
+def test_the_counter_shows_the_servers_segment_and_token_counts(server, page, artifacts):
+    load(page, load_ui("long_prompt_sd15.json"))
+    text = load_example("long_prompt_sd15_api.json")["2"]["inputs"]["text"]
+    text = text + " " + text[: len(text) // 3]  # a new prompt, ~500 tokens
+    status, expected = server.request("/longalign/tokenize", {"text": text, "token_length": 240, "split": "sentences"})
+    assert status == 200 and expected["truncated"]
+    box = page.evaluate_handle("app.graph.getNodeById(2).widgets.find(w => w.name === 'text').element")
+    box.as_element().fill(text)  # real input events on the text box, as typing gives
+    counter = "node.widgets.find(w => w.name === 'longalign_counter').element"
+    page.wait_for_function(f"(id) => {{ const node = app.graph.getNodeById(id); const c = {counter};"
+                           f" return c.dataset.kept === '{expected['kept_tokens']}'; }}", arg=2, timeout=15_000)
+    shown = node_eval(page, 2, f"({{lines: [...{counter}.children].map(d => d.textContent), title: {counter}.title, data: {{...{counter}.dataset}},"
+                               f" color: getComputedStyle({counter}).color}})")
+    n = len(expected["segments"])
+    assert shown["data"]["segments"] == str(n)
+    assert shown["data"]["tokens"] == ",".join(str(s["tokens"]) for s in expected["segments"])
+    assert shown["data"]["state"] == "truncated" and shown["color"] == "rgb(240, 160, 48)"
+    cut = expected["kept_tokens"] - 240
+    assert shown["lines"] == [f"{n} segments · kept {expected['kept_tokens']} / L = 240 · truncated: the last {cut} are cut",
+                              "per segment: " + " + ".join(str(s["tokens"]) for s in expected["segments"])]
+    assert shown["title"].splitlines()[0] == f"1. [{expected['segments'][0]['tokens']}] {expected['segments'][0]['text']}"
+    screenshot(page, os.path.join(artifacts, "counter_truncated.png"), os.path.join(SCREENSHOTS, "counter_truncated.png"))
+
+    # a short prompt with L = 0: no warning, the natural length
+    node_eval(page, 2, "(node.widgets.find(w => w.name === 'token_length').value = 0, true)")
+    box.as_element().fill("A cat. A dog on a mat.")
+    page.wait_for_function(f"(id) => {{ const node = app.graph.getNodeById(id); return {counter}.dataset.kept === '11'; }}",
+                           arg=2, timeout=15_000)
+    assert node_eval(page, 2, f"{counter}.dataset.state") == "ok"
+    assert node_eval(page, 2, f"[...{counter}.children].map(d => d.textContent)") == [
+        "2 segments · kept 11 (L = 0: natural length)", "per segment: 4 + 7"]
+
+
+def test_queued_best_of_n_graph_shows_the_scores_on_the_reward_nodes(server, page, artifacts):
+    load(page, load_ui("best_of_n_reward.json"))
+    page.evaluate("""(names) => {
+        for (const node of app.graph.nodes)
+            for (const w of node.widgets ?? []) if (w.name in names) w.value = names[w.name];
+    }""", TINY_NAMES)
+    page.evaluate("async () => { await app.queuePrompt(0, 1); }")
+    rows = "node.widgets.find(w => w.name === 'longalign_scores').element.querySelectorAll('tr[data-image]')"
+    page.wait_for_function(f"(id) => {{ const node = app.graph.getNodeById(id); return {rows}.length === 4; }}",
+                           arg=10, timeout=120_000)
+    page.wait_for_function(f"(id) => {{ const node = app.graph.getNodeById(id); return {rows}.length === 4; }}",
+                           arg=8, timeout=10_000)
+    entry = wait_for_history(server, "10")
+    assert entry["status"]["status_str"] == "success"
+    summary = json.loads(entry["outputs"]["10"]["text"][0])
+    ranking = json.loads(entry["outputs"]["8"]["text"][0])
+
+    def table(node_id):
+        return node_eval(page, node_id, f"[...{rows}].map(r => [r.dataset.image,"
+                                        " Object.fromEntries([...r.querySelectorAll('td[data-field]')].map(td => [td.dataset.field, td.textContent]))])")
+
+    shown = table(10)
+    assert [image for image, _ in shown] == ["0", "1", "2", "3"]
+    for image, cells in shown:
+        for field in ("total", "text_relevant", "text_irrelevant", "reweighted"):
+            assert cells[field] == f"{summary[field][int(image)]:.4f}"
+    ranked = table(8)
+    assert [int(image) for image, _ in ranked] == ranking["order"]
+    assert [cells["reweighted"] for _, cells in ranked] == [f"{x:.4f}" for x in ranking["scores"]]
+    screenshot(page, os.path.join(artifacts, "best_of_n_scores.png"), os.path.join(SCREENSHOTS, "best_of_n_scores.png"))
+    assert page.longalign_errors == []

@@ -1,0 +1,59 @@
+"""The fast mode is the same method: on tiny fp32 models with LoRA dropout 0 it gives the reference
+mode's loss and LoRA gradients (issue 11). The speed may never come from changing the method."""
+import pytest
+import torch
+
+from test_trainer import _tiny_reward_setup
+from training.denoisers import CheckpointedUNet, MergedShadowUNet
+from training.objectives.reward import RewardObjective
+
+CAPTIONS = ["A red cat sleeps on a sofa. The room is warm.", "A blue car on a road.", "Two dogs in the snow.",
+            "A lighthouse on a cliff. Waves crash below it."]
+
+
+def _loss_and_grads(fast: bool, decode_chunk: int):
+    torch.manual_seed(0)
+    c, params, conditioner, scorer = _tiny_reward_setup()
+    with torch.no_grad():
+        for name, p in c.unet.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(hash(name) % 2**31)) * 0.01)
+    denoiser = MergedShadowUNet(c.unet) if fast else CheckpointedUNet(c.unet, "unet")
+    objective = RewardObjective(denoiser, c.vae, c.scheduler, conditioner, scorer, (4, 8, 8), steps=6,
+                                guidance=7.5, grad_steps=2, w=0.3, gather=None, weight_dtype=torch.float32,
+                                decode_chunk=decode_chunk, reference_encodes_images=not fast)
+    loss, logs = objective.loss({"caption": CAPTIONS}, torch.Generator().manual_seed(1234))
+    loss.backward()
+    names = [n for n, p in c.unet.named_parameters() if p.requires_grad]
+    return loss.detach(), logs, {n: p.grad.clone() for n, p in zip(names, params)}
+
+
+@pytest.mark.parametrize("decode_chunk", [1, 3])
+def test_fast_mode_equals_reference_mode(decode_chunk):
+    ref_loss, ref_logs, ref_grads = _loss_and_grads(fast=False, decode_chunk=0)
+    loss, logs, grads = _loss_and_grads(fast=True, decode_chunk=decode_chunk)
+    torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=1e-5)
+    for k in ref_logs:
+        torch.testing.assert_close(logs[k], ref_logs[k], atol=1e-6, rtol=1e-5)
+    assert ref_grads.keys() == grads.keys() and len(grads) > 0
+    norm = max(g.abs().max() for g in ref_grads.values())
+    assert norm > 0
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-5 * float(norm), rtol=1e-3, msg=name)
+
+
+def test_shadow_weights_follow_the_lora_and_leave_it_untouched():
+    c, params, _, _ = _tiny_reward_setup()
+    denoiser = MergedShadowUNet(c.unet)
+    before = [p.detach().clone() for p in params]
+    name = denoiser.layers[0]
+    layer = c.unet.get_submodule(name)
+    with torch.no_grad():
+        layer.lora_B["default"].weight.fill_(0.01)
+    denoiser.prepare()
+    expected = layer.base_layer.weight + layer.scaling["default"] * (
+        layer.lora_B["default"].weight.flatten(1) @ layer.lora_A["default"].weight.flatten(1)).view_as(layer.base_layer.weight)
+    torch.testing.assert_close(denoiser.shadow.get_submodule(name).weight, expected)
+    assert not any(p.requires_grad for p in denoiser.shadow.parameters())
+    assert all(torch.equal(a, b) or "lora_B" in n for (n, _), a, b in zip(
+        [(n, p) for n, p in c.unet.named_parameters() if p.requires_grad], before, [p.detach() for p in params]))

@@ -1,0 +1,83 @@
+"""The UI-format example workflows (what ComfyUI's front end saves: nodes, links, widgets_values):
+checked against a server's ``/object_info`` and converted to the API format the way the front end's
+``graphToPrompt`` does (the browser test proves the two conversions agree)."""
+from __future__ import annotations
+
+import json
+import os
+
+from workflows import EXAMPLES
+
+UI_EXAMPLES = {
+    "long_prompt_sd15.json": "long prompt, stock SD1.5 checkpoint, LongAlign Text Encode",
+    "longsd_long_prompt.json": "LongSD: alignment + reward LoRAs, T5 adapter",
+    "best_of_n_reward.json": "four images, ranked by the decomposed reward, best one saved",
+    "stock_vs_longalign.json": "the same seed through CLIP Text Encode and LongAlign Text Encode",
+}
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+MODEL_WIDGETS = {"ckpt_name", "alignment_lora", "reward_lora", "t5_name", "adapter_name", "model_name"}
+"""Combo widgets that name model files: examples name the real files, a test server has tiny ones."""
+
+
+def load_ui(name: str) -> dict:
+    with open(os.path.join(EXAMPLES, name), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _is_widget(spec: list) -> bool:
+    return isinstance(spec[0], list) or spec[0] in WIDGET_TYPES
+
+
+def _inputs(info: dict) -> list[tuple[str, list]]:
+    return [*info["input"].get("required", {}).items(), *info["input"].get("optional", {}).items()]
+
+
+def check_against_object_info(ui: dict, object_info: dict) -> None:
+    """Every node is known to the server, every link joins an output to an input of its type, every
+    widget list has one value per widget, and every non-model combo value is one the server offers."""
+    nodes = {n["id"]: n for n in ui["nodes"]}
+    missing = sorted({n["type"] for n in nodes.values()} - set(object_info))
+    assert not missing, f"node types unknown to the server: {missing}"
+    for link_id, origin, origin_slot, target, target_slot, link_type in ui["links"]:
+        out_type = object_info[nodes[origin]["type"]]["output"][origin_slot]
+        target_input = nodes[target]["inputs"][target_slot]
+        in_spec = dict(_inputs(object_info[nodes[target]["type"]]))[target_input["name"]]
+        assert out_type == link_type == in_spec[0] == target_input["type"], (link_id, out_type, link_type, in_spec[0])
+        assert target_input["link"] == link_id
+    for node in nodes.values():
+        widgets = [(name, spec) for name, spec in _inputs(object_info[node["type"]]) if _is_widget(spec)]
+        values = list(node.get("widgets_values", []))
+        expected = sum(1 + bool(len(spec) > 1 and spec[1].get("control_after_generate")) for _, spec in widgets)
+        assert len(values) == expected, (node["type"], values, [n for n, _ in widgets])
+        for name, value in _widget_values(node, widgets):
+            spec = widgets[[n for n, _ in widgets].index(name)][1]
+            if isinstance(spec[0], list) and name not in MODEL_WIDGETS:
+                assert value in spec[0], (node["type"], name, value, spec[0])
+
+
+def _widget_values(node: dict, widgets: list[tuple[str, list]]):
+    values = iter(node.get("widgets_values", []))
+    for name, spec in widgets:
+        yield name, next(values)
+        if len(spec) > 1 and spec[1].get("control_after_generate"):
+            next(values)  # the "fixed"/"randomize" control widget the front end adds after a seed
+
+
+def ui_to_api(ui: dict, object_info: dict) -> dict:
+    """The API-format prompt of a UI workflow (inputs in ``INPUT_TYPES`` order, ``_meta`` left out)."""
+    origins = {link[0]: [str(link[1]), link[2]] for link in ui["links"]}
+    prompt = {}
+    for node in sorted(ui["nodes"], key=lambda n: n["id"]):
+        assert node.get("mode", 0) == 0, f"node {node['id']} is muted or bypassed"
+        info = object_info[node["type"]]
+        widgets = [(name, spec) for name, spec in _inputs(info) if _is_widget(spec)]
+        values = dict(_widget_values(node, widgets))
+        links = {i["name"]: i["link"] for i in node.get("inputs", []) if i.get("link") is not None}
+        inputs = {}
+        for name, _ in _inputs(info):
+            if name in links:
+                inputs[name] = origins[links[name]]
+            elif name in values:
+                inputs[name] = values[name]
+        prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
+    return prompt
