@@ -1,6 +1,7 @@
 """The pack's ComfyUI nodes: thin glue over ``training``."""
 from .encode import LongAlignTextEncode
 from .reward import DecomposedRewardScore, RankByReward, RewardModelLoader
+from .interpolate import TextEmbeddingInterpolate
 from .longsd import LongSDLoader, T5AdapterLoader
 
 NODE_CLASS_MAPPINGS = {
@@ -10,6 +11,7 @@ NODE_CLASS_MAPPINGS = {
     "LongAlignRankByReward": RankByReward,
     "LongSDLoader": LongSDLoader,
     "T5AdapterLoader": T5AdapterLoader,
+    "LongAlignTextEmbeddingInterpolate": TextEmbeddingInterpolate,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -19,4 +21,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "LongAlignRankByReward": "Rank By Reward",
     "LongSDLoader": "LongSD Loader",
     "T5AdapterLoader": "T5 Adapter Loader",
+    "LongAlignTextEmbeddingInterpolate": "Text Embedding Interpolate",
 }

@@ -26,7 +26,8 @@ def prompts(tmp_path_factory):
 def align_run(images, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("align"))
     run_stage("align", "--data.path", images, "--data.batch_size", "4", "--run.grad_accum", "1",
-              "--run.max_steps", "30", "--run.save_every", "0", "--optim.lr", "1e-3", "--run.output_dir", out)
+              "--run.max_steps", "30", "--run.save_every", "0", "--optim.lr", "1e-3", "--run.validate_every", "15",
+              "--run.output_dir", out)
     return out
 
 
@@ -35,6 +36,19 @@ def test_align_30_steps_lowers_the_diffusion_loss(align_run):
     assert len(losses) == 30
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < first, (first, last)
+
+
+def test_align_writes_validation_images_and_tensorboard_logs(align_run):
+    from PIL import Image
+
+    for step in (15, 30):
+        with Image.open(os.path.join(align_run, "samples", f"step-{step:07d}.png")) as im:
+            assert im.size == (4 * 64, 64)  # the first four captions side by side
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(os.path.join(align_run, "logs", "longalign")).Reload()
+    assert {"loss", "lr", "grad_norm"} <= set(acc.Tags()["scalars"])
+    assert "validation" in " ".join(acc.Tags()["images"])
 
 
 def test_align_writes_a_kohya_lora_with_metadata(align_run):

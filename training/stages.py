@@ -5,12 +5,13 @@ import sys
 
 from . import config as config_mod
 from .config import ConfigError, TrainConfig
-from .data import DataError
+from .data import DataError, read_records
 from .denoisers import CheckpointedUNet, MergedShadowUNet
 from .objectives.align import AlignObjective
 from .objectives.reward import RewardObjective
 from .safe_io import ModelFileError
 from .trainer import Run, TrainingError, train
+from .validation import validation_images
 
 DESCRIPTIONS = {
     "align": "LongAlign stage 1: long-text alignment of an SD1.5 UNet LoRA (diffusion loss, segment-level "
@@ -23,13 +24,20 @@ DESCRIPTIONS = {
 def build_align(cfg: TrainConfig, components, accelerator, dtype, conditioner) -> Run:
     if cfg.run.gradient_checkpointing:
         accelerator.unwrap_model(components.unet).enable_gradient_checkpointing()
+    prompts = cfg.run.validation_prompts or [r.caption for r in read_records(cfg.data.path, need_images=True)[:4]]
+    resolution = cfg.data.resolution
+
+    def validate():
+        return validation_images(accelerator.unwrap_model(components.unet), components.vae, components.scheduler,
+                                 conditioner, prompts, resolution, dtype, cfg.run.seed)
+
     return Run(AlignObjective(components.unet, components.vae, components.scheduler, conditioner,
-                              cfg.data.caption_dropout, dtype))
+                              cfg.data.caption_dropout, dtype), validate=validate)
 
 
 def build_reward(cfg: TrainConfig, components, accelerator, dtype, conditioner) -> Run:
     from .reward_models import load_reward_model
-    from .tiny import TINY_RESOLUTION, tiny_reward_model
+    from .tiny import tiny_reward_model
 
     if cfg.model.tiny and not cfg.model.reward_model:
         scorer = tiny_reward_model()
@@ -39,7 +47,7 @@ def build_reward(cfg: TrainConfig, components, accelerator, dtype, conditioner) 
     else:
         scorer = load_reward_model(cfg.model.reward_model, cfg.model.reward_kind, accelerator.device, dtype,
                                    cfg.model.reward_arch)
-    resolution = TINY_RESOLUTION if cfg.model.tiny else cfg.data.resolution
+    resolution = cfg.data.resolution
     factor = 2 ** (len(components.vae.config.block_out_channels) - 1)
     latent_shape = (components.unet.config.in_channels if hasattr(components.unet, "config")
                     else accelerator.unwrap_model(components.unet).config.in_channels,

@@ -22,7 +22,6 @@ TINY_VAE_CONFIG = dict(
     block_out_channels=(16, 16, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
     up_block_types=("UpDecoderBlock2D",) * 4, sample_size=64, scaling_factor=0.18215,
 )
-TINY_RESOLUTION = 64
 
 
 def tiny_clip_text_model(num_layers: int = 2, seed: int = 0) -> CLIPTextModel:

@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
@@ -35,6 +36,7 @@ from .lora import add_lora, kohya_state_dict, merge_kohya_lora
 from .lora_format import load_reference_lora
 from .models import load_components
 from .safe_io import atomic_open, commit_folder, load_tensors, save_tensors
+from .validation import save_grid
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
@@ -57,6 +59,8 @@ class Run:
     objective: object
     extra_modules: list[torch.nn.Module] = field(default_factory=list)
     adopt: Callable[[list[torch.nn.Module]], None] = lambda modules: None
+    validate: Callable[[], "np.ndarray"] | None = None
+    """Validation images ``(N, H, W, 3)`` uint8 of the model as it is now (main process only)."""
 
 
 def weight_dtype_for(accelerator: Accelerator) -> torch.dtype:
@@ -300,6 +304,11 @@ def train(cfg: TrainConfig, build_run) -> str:
                 progress.set_postfix({k: f"{v:.4g}" for k, v in scalars.items() if k in ("loss", "reward")} | {"it/s": f"{rate:.3g}"})
             if cfg.run.save_every and step % cfg.run.save_every == 0 and step < total_steps:
                 save_checkpoint()
+            if run.validate and cfg.run.validate_every and step % cfg.run.validate_every == 0 and accelerator.is_main_process:
+                images = run.validate()
+                save_grid(images, os.path.join(out, "samples", f"step-{step:07d}.png"))
+                if cfg.run.log_with == "tensorboard":
+                    accelerator.get_tracker("tensorboard").writer.add_images("validation", images, step, dataformats="NHWC")
             if step >= total_steps:
                 break
         if used_this_epoch == 0 and skipped_images:
