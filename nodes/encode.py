@@ -26,6 +26,11 @@ def encode_prompt(clip, text: str, options: SegmentOptions, t5_adapter: T5Branch
     else:
         with torch.no_grad():
             result = encode_ct5f([text], backend, t5_adapter, options, pad=pad)
+    if not torch.isfinite(result.cond).all():
+        raise ValueError(
+            "LongAlign Text Encode: the conditioning has non-finite values; a prompt weight such as "
+            "(word:nan) or (word:inf) is not a number the encoder can use"
+        )
     extras = {} if result.pooled is None else {"pooled_output": result.pooled}
     return [[result.cond, extras]], result
 

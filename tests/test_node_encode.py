@@ -70,6 +70,13 @@ def test_bad_or_odd_input_gives_a_valid_conditioning(node, tiny_clip_pair, text)
     assert torch.isfinite(tensor).all()
 
 
+@pytest.mark.parametrize("weight", ["nan", "inf"])
+def test_non_finite_prompt_weights_are_a_clear_error(node, tiny_clip_pair, weight):
+    _, clip = tiny_clip_pair
+    with pytest.raises(ValueError, match="non-finite"):
+        node.encode(clip, f"a (red:{weight}) car.", "sentences", 240, "mean", True)
+
+
 def test_missing_clip_is_a_clear_error(node):
     with pytest.raises(ValueError, match="clip input is None"):
         node.encode(None, "text", "sentences", 240, "mean", True)

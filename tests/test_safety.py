@@ -140,14 +140,13 @@ def test_single_file_base_model_refuses_code(tmp_path, sentinel):
 
 
 def test_yaml_config_cannot_construct_python_objects(tmp_path, sentinel):
-    import yaml
-
-    from training.config import read_config_file
+    from training.config import ConfigError, read_config_file
 
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(f'optim: !!python/object/apply:os.system ["touch {sentinel}"]\n')
-    with pytest.raises(yaml.YAMLError):
+    with pytest.raises(ConfigError, match="not valid YAML"):
         read_config_file(str(cfg))
+    assert not os.path.exists(sentinel)
 
 
 # -- type and size checks: every refusal names the file, what was expected and what was found --

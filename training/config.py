@@ -71,6 +71,50 @@ class SamplingConfig:
     grad_steps: int = opt(5, "K: UNet calls with gradient (every steps/K-th step, random offset)")
     w: float = opt(0.3, "reweighting of the text-irrelevant score part (reference 0.3; 1 = plain score)")
     decode_chunk: int = opt(2, "fast mode: images decoded and back-propagated into x0 at a time (memory); 0 = whole batch")
+    objective: Literal["longalign", "textcraftor", "comat"] = opt(
+        "longalign", "reward-stage objective: longalign (decomposed preference, SPEC §4), textcraftor (text-encoder "
+        "fine-tuning on rewards, SPEC §5), comat (concept matching, SPEC §6); sets that objective's defaults")
+    sampler: Literal["ddim", "lcm"] = opt(
+        "ddim", "solver of the differentiable loop: ddim, or lcm (reward_lcm: 4 LCM steps, no CFG; use an LCM "
+        "student as model.init_lora); sets that sampler's defaults")
+
+
+@dataclass
+class TextCraftorConfig:
+    """TextCraftor (Li et al., CVPR 2024; SPEC §5). Loss = -100 w_clip mean(cos) - w_pick mean(logit_scale
+    diag) - 100 w_hps mean(diag) - 3 w_aes mean(aesthetic); a term with weight 0 is off."""
+
+    train: Literal["lora", "full"] = opt("lora", "text encoder: lora (peft on every attention/MLP Linear, saved as "
+                                         "lora_te_* for LoraLoader) or full fine-tune (saved as weight diffs)")
+    rank: int = opt(32, "text-encoder LoRA rank (ours; the paper fine-tunes the whole encoder)")
+    alpha: float = opt(32.0, "text-encoder LoRA alpha (scale alpha / rank)")
+    w_clip: float = opt(0.5, "CLIP-score weight (TextCraftor script: 0.5, times 100)")
+    w_pick: float = opt(1.0, "PickScore weight (script: 1; ours takes the diagonal, the script the whole B x B matrix)")
+    w_hps: float = opt(1.0, "HPSv2 weight (script: 1, times 100)")
+    w_aes: float = opt(1.0, "aesthetic weight (script: 1, times 3)")
+    clip_model: str | None = opt(None, "CLIP model for the CLIP-score term (paper: OpenCLIP ViT-g-14)")
+    clip_kind: Literal["denscore", "pickscore", "hpsv2", "clip"] = opt("clip", "kind of clip_model")
+    clip_arch: str = opt("ViT-g-14", "open_clip architecture of clip_model")
+    pick_model: str | None = opt(None, "PickScore folder (transformers CLIPModel)")
+    hps_model: str | None = opt(None, "HPSv2 checkpoint (open_clip ViT-H-14)")
+    hps_arch: str = opt("ViT-H-14", "open_clip architecture of hps_model")
+    aesthetic_head: str | None = opt(None, "aesthetic predictor head (.safetensors: Linear layers on normalised "
+                                     "CLIP image features, e.g. the LAION aesthetic MLP)")
+    aesthetic_clip: str | None = opt(None, "CLIP model whose image features the head reads (paper: OpenAI ViT-L/14)")
+    aesthetic_kind: Literal["denscore", "pickscore", "hpsv2", "clip"] = opt("clip", "kind of aesthetic_clip")
+    aesthetic_arch: str = opt("ViT-L-14", "open_clip architecture of aesthetic_clip")
+
+
+@dataclass
+class LcmConfig:
+    """Latent consistency distillation (Luo et al. 2023; SPEC §4 ``lcm``)."""
+
+    num_ddim_timesteps: int = opt(50, "N: DDIM solver steps of the skipping-step schedule (k = 1000 / N)")
+    w_min: float = opt(3.0, "teacher guidance w ~ U[w_min, w_max], eps = eps_c + w (eps_c - eps_u) (diffusers LCM-LoRA script)")
+    w_max: float = opt(15.0, "upper end of the teacher guidance range")
+    huber_c: float = opt(0.001, "c of the pseudo-Huber loss sqrt(d^2 + c^2) - c")
+    sigma_data: float = opt(0.5, "sigma_data of the boundary scalings c_skip / c_out")
+    timestep_scaling: float = opt(10.0, "timestep scaling s of the boundary scalings (c_skip, c_out at s t)")
 
 
 @dataclass
@@ -96,20 +140,41 @@ class RunConfig:
 
 @dataclass
 class TrainConfig:
-    stage: Literal["align", "reward"] = opt("align", "which stage this config runs")
+    stage: Literal["align", "reward", "lcm"] = opt("align", "which stage this config runs")
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    textcraftor: TextCraftorConfig = field(default_factory=TextCraftorConfig)
+    lcm: LcmConfig = field(default_factory=LcmConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
 
 STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
     "align": {"data.batch_size": 16, "run.grad_accum": 2, "run.epochs": 2, "run.save_every": 1250},
     "reward": {"data.batch_size": 8, "run.epochs": 1, "run.save_every": 500, "run.validate_every": 0},
+    "lcm": {"data.batch_size": 16, "run.epochs": 1, "run.save_every": 500, "run.validate_every": 0,
+            "data.caption_dropout": 0.0},
 }
-"""The reference's per-stage settings (SPEC §4), applied before the file and the command line."""
+"""The reference's per-stage settings (SPEC §4), applied before the file and the command line. SPEC gives
+no batch size for ``lcm``: 16 as ``align``; the teacher's unconditional branch replaces caption dropout."""
+
+OBJECTIVE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "longalign": {},
+    "textcraftor": {"sampling.steps": 25, "sampling.guidance": 7.5, "sampling.grad_steps": 5, "optim.lr": 1e-6,
+                    "optim.max_grad_norm": 0.0, "optim.warmup_steps": 0, "data.batch_size": 4},
+    "comat": {},
+}
+"""Each objective's paper settings (SPEC §5 TextCraftor: DDIM 25, CFG 7.5, the last 5 steps with the
+fine-tuned encoder, AdamW 1e-6 without clipping, batch 4 per GPU; no warm-up is given: constant LR)."""
+
+SAMPLER_DEFAULTS: dict[str, dict[str, Any]] = {
+    "ddim": {},
+    "lcm": {"sampling.steps": 4, "sampling.guidance": 0.0, "sampling.grad_steps": 4},
+}
+"""``lcm``: 4 LCM steps without guidance (SPEC §4 ``reward_lcm``); K = 4 = every step with gradient (ours:
+SPEC gives no K for 4 steps)."""
 
 TINY_PRESET: dict[str, Any] = {"model.tiny": True, "data.resolution": 64, "model.token_length": 77}
 """``--tiny``: tiny random models at 64x64 (8x8 latents), a 77-token context: a CPU demo in a minute."""
@@ -196,11 +261,17 @@ def read_config_file(path: str) -> dict[str, Any]:
     if path.endswith(".toml"):
         import tomllib
 
-        data = tomllib.loads(raw.decode("utf-8"))
+        try:
+            data = tomllib.loads(raw.decode("utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"config file {path!r} is not valid TOML: {e}") from e
     elif path.endswith((".yaml", ".yml")):
         import yaml
 
-        data = yaml.safe_load(raw) or {}
+        try:
+            data = yaml.safe_load(raw) or {}
+        except yaml.YAMLError as e:  # includes the !!python tags safe_load refuses
+            raise ConfigError(f"config file {path!r} is not valid YAML (or uses tags that are refused): {e}") from e
     else:
         raise ConfigError(f"config file {path!r}: expected .yaml, .yml or .toml")
     if not isinstance(data, dict):
@@ -217,6 +288,9 @@ def build_parser(stage: str, description: str) -> argparse.ArgumentParser:
     parser.add_argument("--tiny", action="store_true", help=f"tiny random models, CPU demo: {TINY_PRESET}")
     parser.add_argument("--resume", action="store_true", help="shorthand for --run.resume true")
     parser.add_argument("--mode", choices=["fast", "reference"], help="shorthand for --run.mode")
+    if stage == "reward":
+        parser.add_argument("--objective", choices=list(OBJECTIVE_DEFAULTS), help="shorthand for --sampling.objective")
+        parser.add_argument("--sampler", choices=list(SAMPLER_DEFAULTS), help="shorthand for --sampling.sampler")
     defaults = TrainConfig(stage=stage)
     for key, value in STAGE_DEFAULTS[stage].items():
         set_value(defaults, key, value)
@@ -232,24 +306,39 @@ def build_parser(stage: str, description: str) -> argparse.ArgumentParser:
     return parser
 
 
+SHORTHANDS = {"objective": "sampling.objective", "sampler": "sampling.sampler"}
+
+
 def resolve(stage: str, args: argparse.Namespace) -> TrainConfig:
-    """Stage defaults, then the config file, then the ``--tiny`` preset, then the command line."""
+    """Stage defaults, the objective's and the sampler's defaults, then the config file, then the
+    ``--tiny`` preset, then the command line."""
+    file_values: dict[str, Any] = {}
+    if getattr(args, "config", None):
+        file_values = read_config_file(args.config)
+        file_stage = file_values.pop("stage", stage)
+        if file_stage != stage:
+            raise ConfigError(f"config file is for stage {file_stage!r}, this is `training.{stage}`")
+    cli = {k: v for k, v in vars(args).items() if k not in ("config", "tiny", "resume", "mode", *SHORTHANDS)}
+    cli.update({SHORTHANDS[k]: v for k, v in vars(args).items() if k in SHORTHANDS and v is not None})
     cfg = TrainConfig(stage=stage)
     for key, value in STAGE_DEFAULTS[stage].items():
         set_value(cfg, key, value)
-    if getattr(args, "config", None):
-        for key, value in read_config_file(args.config).items():
-            if key == "stage":
-                if value != stage:
-                    raise ConfigError(f"config file is for stage {value!r}, this is `training.{stage}`")
-                continue
-            set_value(cfg, key, value)
+    for key, table in (("sampling.objective", OBJECTIVE_DEFAULTS), ("sampling.sampler", SAMPLER_DEFAULTS)):
+        name = cli.get(key, file_values.get(key))
+        if name is None:
+            continue
+        if name not in table:
+            raise ConfigError(f"{key}: {name!r} is not one of {list(table)}")
+        if stage != "reward" and name != next(iter(table)):
+            raise ConfigError(f"{key} = {name!r} belongs to the reward stage, this is `training.{stage}`")
+        for k, v in table[name].items():
+            set_value(cfg, k, v)
+    for key, value in file_values.items():
+        set_value(cfg, key, value)
     if getattr(args, "tiny", False):
         for key, value in TINY_PRESET.items():
             set_value(cfg, key, value)
-    for key, value in vars(args).items():
-        if key in ("config", "tiny", "resume", "mode"):
-            continue
+    for key, value in cli.items():
         set_value(cfg, key, value)
     cfg.run.resume = cfg.run.resume or getattr(args, "resume", False)
     if getattr(args, "mode", None):

@@ -31,7 +31,7 @@ from PIL import Image
 from .scoring import (DIRECTION_SOURCES, REFERENCE_W, decompose, image_features, read_prompt_file,
                      resolve_direction, text_features)
 from .reward_models import REWARD_KINDS, load_reward_model
-from .safe_io import atomic_open
+from .safe_io import ModelFileError, atomic_open
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 COLUMNS = ("total", "text_relevant", "text_irrelevant", "reweighted", "eta")
@@ -185,4 +185,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ModelFileError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

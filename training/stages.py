@@ -10,7 +10,8 @@ from .denoisers import CheckpointedUNet, MergedShadowUNet
 from .objectives.align import AlignObjective
 from .objectives.reward import RewardObjective
 from .safe_io import ModelFileError
-from .trainer import Run, TrainingError, train
+from .sampling import DDIM, LCM
+from .trainer import Run, TrainingError, base_model_hash, train
 from .validation import validation_images
 
 DESCRIPTIONS = {
@@ -35,7 +36,31 @@ def build_align(cfg: TrainConfig, components, accelerator, dtype, conditioner) -
                               cfg.data.caption_dropout, dtype), validate=validate)
 
 
+def _latent_shape(cfg: TrainConfig, components, accelerator) -> tuple[int, int, int]:
+    resolution = cfg.data.resolution
+    factor = 2 ** (len(components.vae.config.block_out_channels) - 1)
+    return (accelerator.unwrap_model(components.unet).config.in_channels, resolution // factor, resolution // factor)
+
+
+def _denoiser(cfg: TrainConfig, components, accelerator):
+    if cfg.run.mode == "fast":
+        compile_ = cfg.run.compile == "on" or (cfg.run.compile == "auto" and accelerator.device.type == "cuda")
+        return MergedShadowUNet(components.unet, compile=compile_)
+    return CheckpointedUNet(components.unet, "unet")
+
+
+def _solver(cfg: TrainConfig, scheduler) -> DDIM:
+    """The loop's solver: DDIM, or LCM (``--sampler lcm``) with the distillation's boundary settings."""
+    args = (scheduler.alphas_cumprod, scheduler.config.num_train_timesteps)
+    if cfg.sampling.sampler == "lcm":
+        return LCM(*args, origin_steps=cfg.lcm.num_ddim_timesteps, sigma_data=cfg.lcm.sigma_data,
+                   timestep_scaling=cfg.lcm.timestep_scaling)
+    return DDIM(*args)
+
+
 def build_reward(cfg: TrainConfig, components, accelerator, dtype, conditioner) -> Run:
+    if cfg.sampling.objective == "textcraftor":
+        return build_textcraftor(cfg, components, accelerator, dtype, conditioner)
     from .reward_models import load_reward_model
     from .tiny import tiny_reward_model
 
@@ -47,22 +72,36 @@ def build_reward(cfg: TrainConfig, components, accelerator, dtype, conditioner) 
     else:
         scorer = load_reward_model(cfg.model.reward_model, cfg.model.reward_kind, accelerator.device, dtype,
                                    cfg.model.reward_arch)
-    resolution = cfg.data.resolution
-    factor = 2 ** (len(components.vae.config.block_out_channels) - 1)
-    latent_shape = (components.unet.config.in_channels if hasattr(components.unet, "config")
-                    else accelerator.unwrap_model(components.unet).config.in_channels,
-                    resolution // factor, resolution // factor)
     gather = accelerator.gather if accelerator.num_processes > 1 else None
     fast = cfg.run.mode == "fast"
-    if fast:
-        compile_ = cfg.run.compile == "on" or (cfg.run.compile == "auto" and accelerator.device.type == "cuda")
-        denoiser = MergedShadowUNet(components.unet, compile=compile_)
-    else:
-        denoiser = CheckpointedUNet(components.unet, "unet")
-    return Run(RewardObjective(denoiser, components.vae, components.scheduler, conditioner, scorer, latent_shape,
+    return Run(RewardObjective(_denoiser(cfg, components, accelerator), components.vae, components.scheduler,
+                               conditioner, scorer, _latent_shape(cfg, components, accelerator),
                                cfg.sampling.steps, cfg.sampling.guidance, cfg.sampling.grad_steps, cfg.sampling.w,
                                gather, dtype, decode_chunk=cfg.sampling.decode_chunk if fast else 0,
-                               reference_encodes_images=not fast))
+                               reference_encodes_images=not fast, solver=_solver(cfg, components.scheduler)))
+
+
+def build_textcraftor(cfg: TrainConfig, components, accelerator, dtype, conditioner) -> Run:
+    """TextCraftor (SPEC §5): the UNet (and its LoRA) frozen, the text encoder trained."""
+    from .lora import add_text_encoder_lora
+    from .objectives.textcraftor import TextCraftorObjective, TrainableTextEncoder, load_reward_terms
+
+    tc = cfg.textcraftor
+    accelerator.unwrap_model(components.unet).requires_grad_(False)
+    text_encoder = components.text_encoder
+    if tc.train == "full":
+        text_encoder.float().requires_grad_(True)
+    else:
+        add_text_encoder_lora(text_encoder, tc.rank, tc.alpha)
+    encoder = TrainableTextEncoder(conditioner, tc.train, tc.alpha, {
+        "longalign.base_model_hash": base_model_hash(cfg), "longalign.rank": str(tc.rank),
+        "longalign.alpha": str(tc.alpha), "longalign.config": config_mod.describe(cfg)})
+    terms = load_reward_terms(tc, cfg.model.tiny, accelerator.device, dtype)
+    objective = TextCraftorObjective(_denoiser(cfg, components, accelerator), components.vae, components.scheduler,
+                                     encoder, terms, _latent_shape(cfg, components, accelerator), cfg.sampling.steps,
+                                     cfg.sampling.guidance, cfg.sampling.grad_steps, dtype,
+                                     solver=_solver(cfg, components.scheduler))
+    return Run(objective, extra_modules=[encoder], adopt=objective.adopt)
 
 
 BUILDERS = {"align": build_align, "reward": build_reward}

@@ -1,7 +1,7 @@
 """``reward``: decomposed preference optimisation through the differentiable sampler (SPEC §4).
 
 Per batch of prompts: pure noise -> :func:`..sampling.sample_x0` (50 DDIM steps, CFG 7.5, K = 5
-gradient calls) -> VAE decode with gradient -> image in [0, 1] -> reweighted decomposed score
+gradient calls; ``reward_lcm``: ``solver`` = :class:`..sampling.LCM`, 4 steps, no CFG) -> VAE decode with gradient -> image in [0, 1] -> reweighted decomposed score
 ``s_w`` (:mod:`..scoring`), with ``v`` gathered over all processes ->
 
     L = 0.5 (1 - mean_b s_w,b)
@@ -66,9 +66,9 @@ class RewardObjective:
     def __init__(self, denoiser: Denoiser, vae, scheduler, conditioner: TextConditioner, scorer: PreferenceModel,
                  latent_shape: tuple[int, int, int], steps: int, guidance: float, grad_steps: int, w: float,
                  gather: Callable[[torch.Tensor], torch.Tensor] | None, weight_dtype: torch.dtype,
-                 decode_chunk: int = 0, reference_encodes_images: bool = False):
+                 decode_chunk: int = 0, reference_encodes_images: bool = False, solver: DDIM | None = None):
         self.denoiser, self.vae, self.conditioner, self.scorer = denoiser, vae, conditioner, scorer
-        self.ddim = DDIM(scheduler.alphas_cumprod, scheduler.config.num_train_timesteps)
+        self.ddim = solver or DDIM(scheduler.alphas_cumprod, scheduler.config.num_train_timesteps)
         self.latent_shape, self.steps, self.guidance, self.K, self.w = latent_shape, steps, guidance, grad_steps, w
         self.gather, self.weight_dtype = gather, weight_dtype
         self.decode_chunk, self.reference_encodes_images = decode_chunk, reference_encodes_images
@@ -104,7 +104,8 @@ class RewardObjective:
         noise = torch.randn((B, *self.latent_shape), generator=generator, device=device, dtype=self.weight_dtype)
         grad_indices = gradient_step_indices(self.steps, self.K, generator)
         crop = (str(generator.device), generator.get_state())
-        x0 = sample_x0(self.denoiser, noise, cond, self._uncond, self.ddim, self.steps, self.guidance, grad_indices)
+        x0 = sample_x0(self.denoiser, noise, cond, self._uncond, self.ddim, self.steps, self.guidance, grad_indices,
+                       generator=generator)
         if self.decode_chunk:
             fn = lambda part, start: self._scores(part, f_T[start: start + part.shape[0]], direction, crop)  # noqa: E731
             columns = _ChunkedDecodeScore.apply(x0, fn, self.decode_chunk)

@@ -1,0 +1,166 @@
+"""One ``reward`` training step: the fast mode vs ``--mode reference``, measured in one run (issue 11).
+
+Both sides are our trainer's own objective, denoiser and optimizer, set up the way ``training.stages``
+sets them up; ``reference`` runs the way the reference code runs (LoRA unmerged with dropout 0.1 on
+all calls, one activation checkpoint around the whole UNet at the K gradient calls, the batch's
+images VAE-encoded every step, decode with gradient and no checkpoint, plain AdamW); ``fast`` is the
+default mode (merged-weight shadow UNet for the no-grad calls, per-block checkpointing, chunked
+decode back-propagated into ``x0``, fused AdamW on CUDA, ``torch.compile`` of the no-grad UNet on
+CUDA). Same seeds, same prompts, same number of steps. Each side is built, measured (median step
+time after warm-up; peak CUDA memory, reset before its step) and freed before the other.
+
+``--quick``: the tiny preset on the CPU (timings reported, not asserted). Full: SD1.5 shapes from the
+shipped configs with random weights, ct5f context (T5-large + TextAdapter, 480 tokens), a
+ViT-H-14-size reward model, 512x512, batch 8, bf16, 50 DDIM steps, K = 5, CFG 7.5 (CUDA only).
+"""
+from __future__ import annotations
+
+import gc
+import json
+import os
+
+import torch
+
+from .common import Result, median_time
+from .comfy_setup import comfy_ready
+
+PROMPTS = [
+    "A weathered lighthouse stands on a cliff above a grey sea. Waves crash on black rocks below.",
+    "A red fishing boat rocks beside a wooden pier. Three seagulls circle above it in the evening light.",
+    "An old keeper in a green raincoat holds a brass lantern. Rain falls on the stone steps behind him.",
+    "Purple storm clouds roll in over the water. A single fork of lightning strikes the horizon.",
+    "A black cat sits on an upturned barrel. Fishing nets hang drying on wooden poles nearby.",
+    "Wild pink flowers grow between the rocks. The wind bends them towards the sea.",
+    "A cargo ship glows faintly far out at sea. A trail of smoke rises behind it into the rain.",
+    "Small puddles on the rocks reflect the violet sky. Each one ripples in the wind.",
+]
+T5_LARGE = dict(vocab_size=32128, d_model=1024, d_kv=64, d_ff=4096, num_layers=24, num_heads=16,
+                feed_forward_proj="relu", is_encoder_decoder=False)
+
+
+def _components(full: bool):
+    """UNet, VAE, CLIP text encoder, tokenizer, noise schedule: SD1.5 shapes (full) or the tiny preset."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from training.clip_text import clip_tokenizer
+    from training.config import ModelConfig
+    from training.models import SD15_CONFIG, Components, load_components, sd15_scheduler
+
+    if not full:
+        return load_components(ModelConfig(tiny=True))
+    torch.manual_seed(0)
+    return Components(
+        UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(SD15_CONFIG, subfolder="unet")),
+        AutoencoderKL.from_config(AutoencoderKL.load_config(SD15_CONFIG, subfolder="vae")),
+        CLIPTextModel(CLIPTextConfig.from_pretrained(os.path.join(SD15_CONFIG, "text_encoder"))),
+        clip_tokenizer(), sd15_scheduler(),
+    )
+
+
+def _t5_branch(full: bool, device, dtype):
+    from transformers import T5Config, T5EncoderModel
+
+    from training.adapter import TextAdapter
+    from training.t5 import T5Branch, t5_tokenizer
+
+    torch.manual_seed(0)
+    config = T5Config(**T5_LARGE) if full else T5Config(**{**T5_LARGE, "d_model": 64, "d_ff": 128, "num_layers": 2,
+                                                           "num_heads": 4, "d_kv": 16})
+    encoder = T5EncoderModel(config).to(device, dtype).eval().requires_grad_(False)
+    adapter = TextAdapter(config.d_model, 896 if full else 48, 768).to(device, dtype).eval().requires_grad_(False)
+    folder = os.path.join(os.environ["LONGALIGN_COMFYUI"], "comfy", "text_encoders", "t5_tokenizer")
+    return T5Branch(t5_tokenizer(folder), encoder, adapter)
+
+
+def _reward_model(full: bool, device, dtype):
+    from training.tiny import tiny_reward_model
+
+    if not full:
+        return tiny_reward_model()
+    from .reward import VIT_H_14, _model
+
+    return _model(VIT_H_14, device, dtype)
+
+
+def _reward_step(mode: str, full: bool, device: torch.device):
+    """A closure running one optimizer step of the reward stage in ``mode``, and the batch size."""
+    from training.clip_text import TransformersClipBackend
+    from training.conditioning import TextConditioner
+    from training.denoisers import CheckpointedUNet, MergedShadowUNet
+    from training.lora import add_lora
+    from training.objectives.reward import RewardObjective
+
+    cuda = device.type == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    c = _components(full)
+    for module in (c.unet, c.vae, c.text_encoder):
+        module.requires_grad_(False).to(device, dtype)
+    params = add_lora(c.unet, 32 if full else 4, 32.0 if full else 4.0, dropout=0.1)
+    for p in params:
+        p.data = p.data.float()
+    conditioner = TextConditioner(TransformersClipBackend(c.tokenizer, c.text_encoder), 240 if full else 77,
+                                  _t5_branch(full, device, dtype))
+    fast = mode == "fast"
+    denoiser = MergedShadowUNet(c.unet, compile=fast and cuda) if fast else CheckpointedUNet(c.unet, "unet")
+    resolution, batch = (512, 8) if full else (64, 4)
+    steps, K = (50, 5) if full else (10, 2)
+    objective = RewardObjective(denoiser, c.vae, c.scheduler, conditioner, _reward_model(full, device, dtype),
+                                (4, resolution // 8, resolution // 8), steps, 7.5, K, 0.3, None, dtype,
+                                decode_chunk=2 if fast else 0, reference_encodes_images=not fast)
+    optimizer = torch.optim.AdamW(params, lr=3e-5, weight_decay=1e-2, **({"fused": True} if fast and cuda else {}))
+    prompts = {"caption": PROMPTS[:batch]}
+    counter = iter(range(10**6))
+
+    def step() -> None:
+        generator = torch.Generator(device=device).manual_seed(next(counter))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+            loss, _ = objective.loss(prompts, generator)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 0.3)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step, batch
+
+
+def _measure(mode: str, full: bool, device: torch.device, repeats: int) -> tuple[float, float | None]:
+    """(seconds per step, peak CUDA GiB or None)."""
+    step, batch = _reward_step(mode, full, device)
+    peak = None
+    if device.type == "cuda":
+        step()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        peak = torch.cuda.max_memory_allocated() / 2**30
+    seconds = median_time(step, repeats=repeats, warmup=1)
+    del step
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return seconds / batch, peak
+
+
+def run(quick: bool) -> list[Result]:
+    comfy_ready()  # for ComfyUI's T5 tokenizer files
+    cuda = torch.cuda.is_available() and not quick
+    device = torch.device("cuda" if cuda else "cpu")
+    repeats = 3 if quick else 5
+    ref_time, ref_mem = _measure("reference", not quick, device, repeats)
+    fast_time, fast_mem = _measure("fast", not quick, device, repeats)
+    where = "SD1.5 shapes, bf16, 512px, batch 8, ct5f 480" if not quick else "tiny preset, CPU, batch 4, 10 steps"
+    results = [Result(f"reward step s/sample ({where})", fast_time, ref_time, "s", "<= 0.5x",
+                      (fast_time / ref_time <= 0.5) if cuda else None,
+                      note=f"samples/s {1 / fast_time:.3g} vs {1 / ref_time:.3g}: speed-up {ref_time / fast_time:.2f}x")]
+    if cuda:
+        results.append(Result("reward step peak GPU memory", fast_mem, ref_mem, "G", "<= 0.5x",
+                              fast_mem / ref_mem <= 0.5))
+    else:
+        results.append(Result("reward step peak GPU memory", float("nan"), float("nan"), "G", "<= 0.5x", None,
+                              note="not measured: no GPU in this run"))
+    return results
+
+
+if __name__ == "__main__":
+    print(json.dumps([r.as_dict() for r in run(quick=True)], indent=2))
