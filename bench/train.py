@@ -103,8 +103,8 @@ def _reward_step(mode: str, full: bool, device: torch.device):
                                   _t5_branch(full, device, dtype))
     fast = mode == "fast"
     denoiser = MergedShadowUNet(c.unet, compile=fast and cuda) if fast else CheckpointedUNet(c.unet, "unet")
-    resolution, batch = (512, 8) if full else (64, 4)
-    steps, K = (50, 5) if full else (10, 2)
+    resolution, batch = (512, 8) if full else (64, 2)
+    steps, K = (50, 5) if full else (6, 2)
     objective = RewardObjective(denoiser, c.vae, c.scheduler, conditioner, _reward_model(full, device, dtype),
                                 (4, resolution // 8, resolution // 8), steps, 7.5, K, 0.3, None, dtype,
                                 decode_chunk=2 if fast else 0, reference_encodes_images=not fast)
@@ -146,10 +146,10 @@ def run(quick: bool) -> list[Result]:
     comfy_ready()  # for ComfyUI's T5 tokenizer files
     cuda = torch.cuda.is_available() and not quick
     device = torch.device("cuda" if cuda else "cpu")
-    repeats = 3 if quick else 5
+    repeats = 2 if quick else 5
     ref_time, ref_mem = _measure("reference", not quick, device, repeats)
     fast_time, fast_mem = _measure("fast", not quick, device, repeats)
-    where = "SD1.5 shapes, bf16, 512px, batch 8, ct5f 480" if not quick else "tiny preset, CPU, batch 4, 10 steps"
+    where = "SD1.5 shapes, bf16, 512px, batch 8, ct5f 480" if not quick else "tiny preset, CPU, batch 2, 6 steps, K 2"
     results = [Result(f"reward step s/sample ({where})", fast_time, ref_time, "s", "<= 0.5x",
                       (fast_time / ref_time <= 0.5) if cuda else None,
                       note=f"samples/s {1 / fast_time:.3g} vs {1 / ref_time:.3g}: speed-up {ref_time / fast_time:.2f}x")]
