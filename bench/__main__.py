@@ -16,7 +16,7 @@ import torch
 
 from .common import format_table
 
-SUITES = ["encode", "reward", "lora_load", "train"]
+SUITES = ["encode", "reward", "lora_load", "sampling", "train"]
 
 
 def main(argv: list[str] | None = None) -> int:

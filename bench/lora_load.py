@@ -15,33 +15,9 @@ import time
 import torch
 
 from .common import Result, paired_median_times
-from .comfy_setup import comfy_ready
+from .comfy_setup import comfy_ready, comfy_sd15_model
 
 RANK = 32
-TINY_LDM = {"num_res_blocks": [1], "channel_mult": [1], "transformer_depth": [1],
-            "transformer_depth_output": [1, 1], "transformer_depth_middle": 1}
-"""The tiny test UNet's differences from SD1.5 in ComfyUI's (LDM) config terms."""
-
-
-def _model(quick: bool):
-    """A ComfyUI SD1.5-family ModelPatcher for the SD1.5 (or tiny) UNet, on the CPU."""
-    import comfy.model_detection
-    import comfy.model_management
-    import comfy.model_patcher
-    import comfy.supported_models
-    from diffusers import UNet2DConditionModel
-
-    from training.lora_format import sd15_unet_config
-
-    config = {k: v for k, v in sd15_unet_config().items() if not k.startswith("_")}
-    with torch.device("meta"):
-        sd = UNet2DConditionModel(**config).state_dict()
-    ldm = comfy.model_detection.unet_config_from_diffusers_unet(sd, dtype=torch.float16)
-    if quick:
-        ldm.update(TINY_LDM)
-    model = comfy.supported_models.SD15(ldm).get_model({})
-    device = torch.device("cpu")
-    return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=device), ldm
 
 
 def run(quick: bool) -> list[Result]:
@@ -54,7 +30,7 @@ def run(quick: bool) -> list[Result]:
     from training.lora_format import _layers_for, lora_layers, unet_config_from_ldm
 
     pack = load_pack()
-    model, ldm = _model(quick)
+    model, ldm = comfy_sd15_model(quick)
     config = unet_config_from_ldm(ldm)
     layers = lora_layers(config)
     g = torch.Generator().manual_seed(0)

@@ -71,9 +71,9 @@ class SamplingConfig:
     grad_steps: int = opt(5, "K: UNet calls with gradient (every steps/K-th step, random offset)")
     w: float = opt(0.3, "reweighting of the text-irrelevant score part (reference 0.3; 1 = plain score)")
     decode_chunk: int = opt(2, "fast mode: images decoded and back-propagated into x0 at a time (memory); 0 = whole batch")
-    objective: Literal["longalign", "textcraftor", "comat"] = opt(
-        "longalign", "reward-stage objective: longalign (decomposed preference, SPEC §4), textcraftor (text-encoder "
-        "fine-tuning on rewards, SPEC §5), comat (concept matching, SPEC §6); sets that objective's defaults")
+    objective: Literal["longalign", "textcraftor"] = opt(
+        "longalign", "reward-stage objective: longalign (decomposed preference, SPEC §4) or textcraftor (text-encoder "
+        "fine-tuning on rewards, SPEC §5); sets that objective's defaults")
     sampler: Literal["ddim", "lcm"] = opt(
         "ddim", "solver of the differentiable loop: ddim, or lcm (reward_lcm: 4 LCM steps, no CFG; use an LCM "
         "student as model.init_lora); sets that sampler's defaults")
@@ -164,7 +164,6 @@ OBJECTIVE_DEFAULTS: dict[str, dict[str, Any]] = {
     "longalign": {},
     "textcraftor": {"sampling.steps": 25, "sampling.guidance": 7.5, "sampling.grad_steps": 5, "optim.lr": 1e-6,
                     "optim.max_grad_norm": 0.0, "optim.warmup_steps": 0, "data.batch_size": 4},
-    "comat": {},
 }
 """Each objective's paper settings (SPEC §5 TextCraftor: DDIM 25, CFG 7.5, the last 5 steps with the
 fine-tuned encoder, AdamW 1e-6 without clipping, batch 4 per GPU; no warm-up is given: constant LR)."""

@@ -68,12 +68,17 @@ class DDIM:
     def timesteps(self, steps: int) -> list[int]:
         return ddim_timesteps(steps, self.num_train_timesteps)
 
-    def predict_x0(self, eps: torch.Tensor, x_t: torch.Tensor, t: int) -> torch.Tensor:
-        a_t = self.alphas_cumprod[t]
+    def alpha(self, t: int | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """``a_t`` for one timestep, or per sample (``t`` of shape ``(B,)``) shaped to broadcast over ``like``."""
+        a = self.alphas_cumprod[t]
+        return a.view(-1, *([1] * (like.ndim - 1))) if a.ndim else a
+
+    def predict_x0(self, eps: torch.Tensor, x_t: torch.Tensor, t: int | torch.Tensor) -> torch.Tensor:
+        a_t = self.alpha(t, x_t)
         return (x_t - (1 - a_t).sqrt() * eps) / a_t.sqrt()
 
-    def step(self, x0: torch.Tensor, eps: torch.Tensor, t_prev: int) -> torch.Tensor:
-        a_prev = self.alphas_cumprod[max(t_prev, 0)]
+    def step(self, x0: torch.Tensor, eps: torch.Tensor, t_prev: int | torch.Tensor) -> torch.Tensor:
+        a_prev = self.alpha(t_prev.clamp(min=0) if isinstance(t_prev, torch.Tensor) else max(t_prev, 0), x0)
         return a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
 
     def update(self, x: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor, i: int, timesteps: list[int],

@@ -18,7 +18,11 @@ DESCRIPTIONS = {
     "align": "LongAlign stage 1: long-text alignment of an SD1.5 UNet LoRA (diffusion loss, segment-level "
              "text encoding). Defaults reproduce the paper (SPEC §4).",
     "reward": "LongAlign stage 2: decomposed preference optimisation through the differentiable DDIM "
-              "sampler (50 steps, K = 5 gradient calls, CFG 7.5, w = 0.3). Needs prompts only.",
+              "sampler (50 steps, K = 5 gradient calls, CFG 7.5, w = 0.3). Needs prompts only. --objective "
+              "textcraftor and --sampler lcm (reward_lcm) share the same loop.",
+    "lcm": "Latent consistency distillation of the (aligned) SD1.5 teacher into a LoRA student (Huber loss, "
+           "DDIM solver 50 steps, c_skip/c_out with sigma_data 0.5 and timestep scaling 10; SPEC §4). Sample with "
+           "4 LCM steps, CFG off (ComfyUI: LoraLoader + ModelSamplingDiscrete lcm + KSampler lcm, cfg 1).",
 }
 
 
@@ -104,7 +108,18 @@ def build_textcraftor(cfg: TrainConfig, components, accelerator, dtype, conditio
     return Run(objective, extra_modules=[encoder], adopt=objective.adopt)
 
 
-BUILDERS = {"align": build_align, "reward": build_reward}
+def build_lcm(cfg: TrainConfig, components, accelerator, dtype, conditioner) -> Run:
+    from .objectives.lcm import LCMDistillObjective
+
+    if cfg.run.gradient_checkpointing:
+        accelerator.unwrap_model(components.unet).enable_gradient_checkpointing()
+    lc = cfg.lcm
+    return Run(LCMDistillObjective(components.unet, components.vae, components.scheduler, conditioner,
+                                   lc.num_ddim_timesteps, lc.w_min, lc.w_max, lc.huber_c, lc.sigma_data,
+                                   lc.timestep_scaling, dtype))
+
+
+BUILDERS = {"align": build_align, "reward": build_reward, "lcm": build_lcm}
 
 
 def main(stage: str, argv: list[str] | None = None) -> int:

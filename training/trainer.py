@@ -130,8 +130,9 @@ def train(cfg: TrainConfig, build_run) -> str:
         with atomic_open(os.path.join(out, "config.json")) as f:
             f.write(config_mod.describe(cfg))
 
-    records = read_records(cfg.data.path, need_images=cfg.stage == "align")
-    dataset = ImageCaptionDataset(records, cfg.data.resolution) if cfg.stage == "align" else PromptDataset(records)
+    needs_images = cfg.stage in ("align", "lcm")
+    records = read_records(cfg.data.path, need_images=needs_images)
+    dataset = ImageCaptionDataset(records, cfg.data.resolution) if needs_images else PromptDataset(records)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=cfg.data.batch_size, shuffle=True, collate_fn=collate,
         num_workers=cfg.data.num_workers, generator=torch.Generator().manual_seed(cfg.run.seed),
