@@ -16,7 +16,6 @@ import random
 import re
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
@@ -26,7 +25,6 @@ from comfy_inprocess import REPO
 from test_safety import RunsCode
 from trainer_helpers import SMALL_ARGS, make_image_folder, metrics, stage_command
 from training import config as config_mod
-from training import safe_io
 from training import trainer as trainer_mod
 from training.safe_io import ModelFileError, atomic_open, load_tensors, save_tensors
 from training.stages import DESCRIPTIONS, build_align
