@@ -123,3 +123,54 @@ def test_pad_embedding_cache_follows_the_clip_weights(pack, tiny_clip_pair):
     moved = backend_cls(patched).cached_pad_embedding()
     assert (moved - cached).abs().max() > 0.1
     torch.testing.assert_close(backend_cls(clip).cached_pad_embedding(), cached)
+
+
+def _random_comfy_clip(tokenizer_cls, model_cls, options):
+    """A ComfyUI CLIP of the given family with 3-layer encoders and seeded random weights."""
+    import comfy.sd
+    import comfy.supported_models_base
+
+    clip = comfy.sd.CLIP(comfy.supported_models_base.ClipTarget(tokenizer_cls, model_cls),
+                         model_options={**options, "dtype": torch.float32})
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in clip.cond_stage_model.named_parameters():
+            if "layer_norm" in name or "norm" in name.split(".")[-2]:
+                p.fill_(1.0 if name.endswith("weight") else 0.0)
+            elif name.endswith("logit_scale"):
+                continue
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    return clip
+
+
+@pytest.fixture(scope="module", params=["sd2", "sdxl"])
+def family_clip(request, comfy):
+    import comfy.sdxl_clip
+    import comfy.text_encoders.sd2_clip as sd2
+
+    small = {"num_hidden_layers": 3}  # the penultimate layer must exist
+    if request.param == "sd2":
+        return request.param, _random_comfy_clip(sd2.SD2Tokenizer, sd2.SD2ClipModel, {"clip_h_model_config": small}), 1024, None
+    clip = _random_comfy_clip(comfy.sdxl_clip.SDXLTokenizer, comfy.sdxl_clip.SDXLClipModel,
+                              {"clip_l_model_config": small, "clip_g_model_config": small})
+    return request.param, clip, 768 + 1280, 1280
+
+
+def test_sd2_and_sdxl_clips_encode_segments_and_match_stock_in_native_mode(node, family_clip):
+    name, clip, width, pooled_width = family_clip
+    (ours,) = node.encode(clip, LONG, "sentences", 240, "mean", True)
+    cond, extras = ours[0]
+    assert cond.shape == (1, 240, width) and torch.isfinite(cond).all()
+    if pooled_width:
+        assert extras["pooled_output"].shape == (1, pooled_width)
+    (native,) = node.encode(clip, LONG, "native", 0, "none", True)
+    stock = stock_encode(clip, LONG)
+    torch.testing.assert_close(native[0][0], stock[0][0])
+    # full windows and short rows give the same kept rows (CLIP is causal): compare against a
+    # window-by-window encoding of the first sentence
+    first = "A small red fishing boat rocks beside the old pier."
+    (one,) = node.encode(clip, first, "sentences", 0, "none", True)
+    full = clip.encode_from_tokens(clip.tokenize(first))
+    n = one[0][0].shape[1]
+    torch.testing.assert_close(one[0][0], full[:, :n], atol=1e-5, rtol=1e-5)
