@@ -1,4 +1,5 @@
 """The trainer on tiny models, on the CPU: it learns, it resumes exactly, it refuses bad input."""
+import math
 import os
 import signal
 import subprocess
@@ -290,3 +291,23 @@ def test_common_direction_is_gathered_over_processes(tmp_path):
                          env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.count("ok") == 2
+
+
+def test_align_with_the_t5_branch_trains_the_text_adapter(images, tmp_path, comfy):
+    import shutil
+
+    from tiny_models import tiny_t5_encoder, tiny_text_adapter
+    from training.adapter import load_text_adapter
+
+    t5_dir, adapter_dir = tmp_path / "t5", tmp_path / "adapter"
+    tiny_t5_encoder().save_pretrained(t5_dir)
+    shutil.copytree(os.path.join(comfy, "comfy", "text_encoders", "t5_tokenizer"), t5_dir, dirs_exist_ok=True)
+    tiny_text_adapter().save_pretrained(adapter_dir)
+    out = str(tmp_path / "out")
+    run_stage("align", "--data.path", images, "--data.batch_size", "2", "--run.grad_accum", "1", "--run.max_steps", "3",
+              "--run.save_every", "0", "--optim.lr", "1e-3", "--model.t5", str(t5_dir), "--model.adapter",
+              str(adapter_dir), "--run.output_dir", out, "--run.log_with", "none")
+    before, after = load_text_adapter(str(adapter_dir)), load_text_adapter(os.path.join(out, "adapter"))
+    changed = [n for (n, a), b in zip(before.named_parameters(), after.parameters()) if not torch.equal(a, b)]
+    assert changed, "the TextAdapter did not train"
+    assert len(metrics(out)) == 3 and all(math.isfinite(m["loss"]) for m in metrics(out))

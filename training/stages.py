@@ -36,8 +36,14 @@ def build_align(cfg: TrainConfig, components, accelerator, dtype, conditioner) -
         return validation_images(accelerator.unwrap_model(components.unet), components.vae, components.scheduler,
                                  conditioner, prompts, resolution, dtype, cfg.run.seed)
 
+    t5 = conditioner.t5  # with a T5 branch, align trains its TextAdapter beside the UNet LoRA (reference)
+
+    def adopt(modules):
+        t5.adapter = modules[0]
+
     return Run(AlignObjective(components.unet, components.vae, components.scheduler, conditioner,
-                              cfg.data.caption_dropout, dtype), validate=validate)
+                              cfg.data.caption_dropout, dtype), validate=validate,
+               extra_modules=[t5.adapter] if t5 else [], adopt=adopt)
 
 
 def _latent_shape(cfg: TrainConfig, components, accelerator) -> tuple[int, int, int]:

@@ -155,3 +155,26 @@ def encode_ct5f(
         )
     cond = torch.cat([clip.cond, t5.to(clip.cond.device, clip.cond.dtype)], dim=1)
     return replace(clip, cond=cond)
+
+
+LAVI_BRIDGE_INT_DIM = 896
+"""``int_dim`` of the T5-large -> SD1.5 TextAdapter that LaVi-Bridge trained and LongSD starts from."""
+
+
+def load_t5_branch(t5_path: str, adapter_path: str | None, tokenizer_path: str | None = None,
+                   out_dim: int = 768) -> T5Branch:
+    """The trainer's T5 branch: T5 from ``t5_path`` (folder or file), its tokenizer from
+    ``tokenizer_path`` (default: the T5 folder), and the TextAdapter from ``adapter_path`` or, without
+    one, a new adapter ``(d_t5 -> 896 -> out_dim)`` to train from scratch."""
+    tokenizer_folder = tokenizer_path or (t5_path if os.path.isdir(t5_path) else None)
+    if tokenizer_folder is None or not has_t5_tokenizer(tokenizer_folder):
+        raise ModelFileError(
+            f"model.t5: no T5 tokenizer ({', '.join(T5_TOKENIZER_FILES)}) in {tokenizer_folder or t5_path!r}; "
+            "put it in the T5 folder or set model.t5_tokenizer"
+        )
+    from .adapter import load_text_adapter
+
+    encoder = load_t5_encoder(t5_path)
+    adapter = (load_text_adapter(adapter_path) if adapter_path
+               else TextAdapter(encoder.config.d_model, LAVI_BRIDGE_INT_DIM, out_dim))
+    return T5Branch(t5_tokenizer(tokenizer_folder), encoder.requires_grad_(False), adapter)

@@ -36,6 +36,7 @@ from .lora import add_lora, kohya_state_dict, merge_kohya_lora
 from .lora_format import load_reference_lora
 from .models import load_components
 from .safe_io import atomic_open, commit_folder, load_tensors, save_tensors
+from .t5 import load_t5_branch
 from .validation import save_grid
 
 CHECKPOINTS = "checkpoints"
@@ -152,8 +153,14 @@ def train(cfg: TrainConfig, build_run) -> str:
         p.data = p.data.float()
     unet = accelerator.prepare(components.unet)
     components.unet = unet
+    t5 = None
+    if cfg.model.t5:
+        t5 = load_t5_branch(cfg.model.t5, cfg.model.adapter, cfg.model.t5_tokenizer)
+        t5.encoder.to(device, dtype)
+        trains_adapter = cfg.stage == "align"
+        t5.adapter.requires_grad_(trains_adapter).to(device, torch.float32 if trains_adapter else dtype)
     conditioner = TextConditioner(TransformersClipBackend(components.tokenizer, components.text_encoder),
-                                  cfg.model.token_length)
+                                  cfg.model.token_length, t5)
     run = build_run(cfg, components, accelerator, dtype, conditioner)
     params = lora_params + [p for m in run.extra_modules for p in m.parameters() if p.requires_grad]
 
