@@ -152,6 +152,9 @@ class RecordingDenoiser:
     def __init__(self, inner):
         self.inner, self.grad_calls, self.graph_in_no_grad = inner, 0, []
 
+    def prepare(self):
+        self.inner.prepare()
+
     def no_grad(self, x, t, context):
         out = self.inner.no_grad(x, t, context)
         self.graph_in_no_grad.append(torch.is_grad_enabled() or out.requires_grad)
@@ -311,3 +314,34 @@ def test_align_with_the_t5_branch_trains_the_text_adapter(images, tmp_path, comf
     changed = [n for (n, a), b in zip(before.named_parameters(), after.parameters()) if not torch.equal(a, b)]
     assert changed, "the TextAdapter did not train"
     assert len(metrics(out)) == 3 and all(math.isfinite(m["loss"]) for m in metrics(out))
+
+
+def test_export_merged_unet_equals_base_plus_lora(align_run, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    from training.lora import unet_lora_layers
+    from training.tiny import tiny_unet
+
+    out = tmp_path / "merged"
+    lora = os.path.join(align_run, "lora_weights.safetensors")
+    proc = subprocess.run([__import__("sys").executable, "-m", "training.export_merged", "--tiny", "--lora",
+                           f"{lora}:0.5", "--out", str(out), "--dtype", "fp32"], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    merged, base, named = UNet2DConditionModel.from_pretrained(out), tiny_unet(), load_file(lora)
+    merged_sd, base_sd = merged.state_dict(), base.state_dict()
+    targets = {layer.name + ".weight": layer for layer in unet_lora_layers(base)}
+    for key, weight in base_sd.items():
+        if key in targets:
+            stem = targets[key].kohya_name
+            up, down = named[f"{stem}.lora_up.weight"].float(), named[f"{stem}.lora_down.weight"].float()
+            scale = 0.5 * float(named[f"{stem}.alpha"]) / down.shape[0]
+            expected = weight + scale * (up.flatten(1) @ down.flatten(1)).view_as(weight)
+            torch.testing.assert_close(merged_sd[key], expected, atol=1e-5, rtol=1e-5)
+        else:
+            assert torch.equal(merged_sd[key], weight), key
+    assert not (tmp_path / "merged.tmp").exists()
+    bad = subprocess.run([__import__("sys").executable, "-m", "training.export_merged", "--tiny", "--lora",
+                          str(tmp_path / "missing.safetensors"), "--out", str(tmp_path / "x")], cwd=REPO,
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "does not exist" in bad.stderr

@@ -39,7 +39,8 @@ def build_align(cfg: TrainConfig, components, accelerator, dtype, conditioner) -
     t5 = conditioner.t5  # with a T5 branch, align trains its TextAdapter beside the UNet LoRA (reference)
 
     def adopt(modules):
-        t5.adapter = modules[0]
+        if t5 is not None:
+            t5.adapter = modules[0]
 
     return Run(AlignObjective(components.unet, components.vae, components.scheduler, conditioner,
                               cfg.data.caption_dropout, dtype), validate=validate,
