@@ -18,6 +18,7 @@ import torch
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from .encode import SegmentRow
+from .safe_io import ModelFileError
 
 CLIP_WINDOW = 77
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
@@ -50,14 +51,17 @@ def _open_clip_bpe() -> tuple[dict[str, int], list[str]]:
 
 
 def clip_tokenizer(folder: str | None = None) -> CLIPTokenizer:
-    """The CLIP tokenizer from ``folder`` (vocab.json + merges.txt), or from open_clip's BPE."""
+    """The CLIP tokenizer from ``folder`` (vocab.json + merges.txt, or tokenizer.json; in the folder or
+    its ``tokenizer/``), or from open_clip's BPE."""
     if folder is not None:
         for sub in ("", "tokenizer"):
             path = os.path.join(folder, sub)
-            if os.path.isfile(os.path.join(path, "vocab.json")) and os.path.isfile(os.path.join(path, "merges.txt")):
+            has = lambda name: os.path.isfile(os.path.join(path, name))  # noqa: E731
+            if (has("vocab.json") and has("merges.txt")) or has("tokenizer.json"):
                 return CLIPTokenizer.from_pretrained(path)
-        raise FileNotFoundError(
-            f"no CLIP tokenizer in {folder!r}: expected vocab.json and merges.txt there or in its tokenizer/ folder"
+        raise ModelFileError(
+            f"no CLIP tokenizer in {folder!r}: expected vocab.json and merges.txt (or tokenizer.json) there or in "
+            "its tokenizer/ folder"
         )
     vocab, merges = _open_clip_bpe()
     with tempfile.TemporaryDirectory() as tmp:

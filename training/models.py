@@ -61,20 +61,21 @@ def load_components(cfg: ModelConfig) -> Components:
         )
     if not path.lower().endswith((".safetensors", ".ckpt", ".pt", ".pth", ".bin")):
         raise ModelFileError(f"model.pretrained: {path!r} is neither a diffusers folder nor a checkpoint file")
-    kw = {"config": SD15_CONFIG, "local_files_only": True}
+    config = cfg.config or SD15_CONFIG
+    kw = {"config": config, "local_files_only": True}
     return Components(
         UNet2DConditionModel.from_single_file(path, subfolder="unet", **kw),
         AutoencoderKL.from_single_file(path, subfolder="vae", **kw),
-        _single_file_text_encoder(path),
+        _single_file_text_encoder(path, config),
         clip_tokenizer(),
-        sd15_scheduler(),
+        DDPMScheduler.from_pretrained(config, subfolder="scheduler"),
     )
 
 
-def _single_file_text_encoder(path: str) -> CLIPTextModel:
+def _single_file_text_encoder(path: str, config: str) -> CLIPTextModel:
     from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm, load_single_file_checkpoint
 
     checkpoint = load_single_file_checkpoint(path, local_files_only=True)
     return create_diffusers_clip_model_from_ldm(
-        CLIPTextModel, checkpoint, config=os.path.join(SD15_CONFIG, "text_encoder"), local_files_only=True
+        CLIPTextModel, checkpoint, config=os.path.join(config, "text_encoder"), local_files_only=True
     )
