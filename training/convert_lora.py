@@ -15,7 +15,7 @@ import sys
 from typing import Sequence
 
 from .lora_format import REFERENCE_RANK, load_reference_lora, lora_layers, sd15_unet_config
-from .safe_io import ModelFileError, save_tensors
+from .safe_io import ModelFileError, load_json_object, save_tensors
 
 
 def convert(src: str, dst: str, unet_config: dict | None = None) -> dict[str, str]:
@@ -37,18 +37,6 @@ def convert(src: str, dst: str, unet_config: dict | None = None) -> dict[str, st
     return metadata
 
 
-def _read_unet_config(path: str) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            config = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ModelFileError(f"--unet-config {path!r}: not a readable JSON file ({e})") from e
-    if not isinstance(config, dict):
-        raise ModelFileError(f"--unet-config {path!r}: holds a {type(config).__name__}, expected a diffusers "
-                             "UNet2DConditionModel config (a JSON object)")
-    return config
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m training.convert_lora",
@@ -63,7 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.dst.lower().endswith(".safetensors"):
         parser.error(f"OUT must end with .safetensors, got {args.dst!r}")
     try:
-        config = _read_unet_config(args.unet_config) if args.unet_config else None
+        config = load_json_object(args.unet_config, "--unet-config") if args.unet_config else None
         meta = convert(args.src, args.dst, config)
     except (ModelFileError, OSError) as e:  # OSError: the output could not be written (disk full, permissions)
         print(f"error: {e}", file=sys.stderr)

@@ -14,7 +14,6 @@ Every model is frozen: ``eval()`` and ``requires_grad_(False)``.
 """
 from __future__ import annotations
 
-import json
 import os
 from functools import lru_cache
 from typing import Literal, Sequence
@@ -23,7 +22,7 @@ import torch
 from transformers import CLIPTokenizer
 
 from .clip_text import CLIP_WINDOW, clip_tokenizer
-from .safe_io import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, ModelFileError, load_tensors
+from .safe_io import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, ModelFileError, load_json_object, load_tensors
 
 RewardKind = Literal["denscore", "pickscore", "hpsv2", "clip"]
 TRANSFORMERS_KINDS = ("denscore", "pickscore")
@@ -165,7 +164,7 @@ def _load_transformers(path: str, kind: RewardKind, dtype: torch.dtype) -> Prefe
     if not names & set(TRANSFORMERS_WEIGHTS):
         raise ModelFileError(f"reward model {path!r}: no weights; expected one of {', '.join(TRANSFORMERS_WEIGHTS)} "
                              f"next to config.json {WHERE}")
-    model_type = _read_json(os.path.join(path, "config.json")).get("model_type")
+    model_type = load_json_object(os.path.join(path, "config.json")).get("model_type")
     if model_type != "clip":
         raise _wrong_kind(path, kind, f"its config.json has model_type {model_type!r} (expected 'clip')")
     try:
@@ -180,17 +179,6 @@ def _load_transformers(path: str, kind: RewardKind, dtype: torch.dtype) -> Prefe
     tokenizer = _folder_tokenizer(path)
     return TransformersPreferenceModel(kind, path, model, model.logit_scale.exp().item(),
                                        model.config.vision_config.image_size, tokenizer=tokenizer)
-
-
-def _read_json(path: str) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ModelFileError(f"{path!r} is not a readable JSON file: {e}") from e
-    if not isinstance(data, dict):
-        raise ModelFileError(f"{path!r} holds {type(data).__name__}, expected a JSON object")
-    return data
 
 
 def _folder_tokenizer(path: str) -> CLIPTokenizer | None:
@@ -211,7 +199,7 @@ def _open_clip_config(path: str, kind: RewardKind, architecture: str) -> tuple[d
             found = "it is a transformers folder (config.json)" if os.path.isfile(os.path.join(path, "config.json")) \
                 else "the folder has no open_clip_config.json"
             raise _wrong_kind(path, kind, found)
-        cfg = _read_json(config_file)
+        cfg = load_json_object(config_file)
         if "model_cfg" not in cfg:
             raise ModelFileError(f"{config_file!r} has no 'model_cfg' (expected open_clip's hub config layout)")
         names = [n for n in OPEN_CLIP_WEIGHTS if os.path.isfile(os.path.join(path, n))]
@@ -222,7 +210,7 @@ def _open_clip_config(path: str, kind: RewardKind, architecture: str) -> tuple[d
     if architecture.lower().endswith(".json"):
         if not os.path.isfile(architecture):
             raise ModelFileError(f"open_clip model config {architecture!r} does not exist")
-        cfg = _read_json(architecture)
+        cfg = load_json_object(architecture)
         return cfg.get("model_cfg", cfg), path, cfg.get("preprocess_cfg", {})
     cfg = open_clip.get_model_config(architecture)
     if cfg is None:

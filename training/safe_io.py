@@ -153,3 +153,15 @@ def write_atomically(path: str, write: Callable[[str], None]) -> str:
     with atomic_path(path) as tmp:
         write(tmp)
     return path
+
+
+def load_json_object(path: str, what: str = "JSON file") -> dict:
+    """A JSON file that must hold an object (configs); errors name the file and what was found."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ModelFileError(f"{what}: {path!r} is not a readable JSON file ({e})") from e
+    if not isinstance(data, dict):
+        raise ModelFileError(f"{what}: {path!r} holds a {type(data).__name__}, expected a JSON object")
+    return data
