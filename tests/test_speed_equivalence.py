@@ -14,10 +14,11 @@ CAPTIONS = ["A red cat sleeps on a sofa. The room is warm.", "A blue car on a ro
 def _loss_and_grads(fast: bool, decode_chunk: int):
     torch.manual_seed(0)
     c, params, conditioner, scorer = _tiny_reward_setup()
+    g = torch.Generator().manual_seed(7)
     with torch.no_grad():
         for name, p in c.unet.named_parameters():
             if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(hash(name) % 2**31)) * 0.01)
+                p.copy_(torch.randn(p.shape, generator=g) * 0.01)
     denoiser = MergedShadowUNet(c.unet) if fast else CheckpointedUNet(c.unet, "unet")
     objective = RewardObjective(denoiser, c.vae, c.scheduler, conditioner, scorer, (4, 8, 8), steps=6,
                                 guidance=7.5, grad_steps=2, w=0.3, gather=None, weight_dtype=torch.float32,
@@ -36,10 +37,17 @@ def test_fast_mode_equals_reference_mode(decode_chunk):
     for k in ref_logs:
         torch.testing.assert_close(logs[k], ref_logs[k], atol=1e-6, rtol=1e-5)
     assert ref_grads.keys() == grads.keys() and len(grads) > 0
-    norm = max(g.abs().max() for g in ref_grads.values())
-    assert norm > 0
+    ref = torch.cat([g.flatten() for g in ref_grads.values()])
+    ours = torch.cat([grads[n].flatten() for n in ref_grads])
+    assert ref.norm() > 0
+    # float32 through 6 sampling steps, decoded in chunks of another size: the same function up to
+    # summation order, so the relative error of the whole gradient is at rounding level
+    relative = float((ours - ref).norm() / ref.norm())
+    print(f"relative gradient error {relative:.2e}")
+    assert relative < 1e-4, relative
     for name in ref_grads:
-        torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-5 * float(norm), rtol=1e-3, msg=name)
+        torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-4 * float(ref.abs().max()), rtol=1e-3,
+                                   msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_shadow_weights_follow_the_lora_and_leave_it_untouched():
