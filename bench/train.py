@@ -124,9 +124,53 @@ def _reward_step(mode: str, full: bool, device: torch.device):
     return step, batch
 
 
-def _measure(mode: str, full: bool, device: torch.device, repeats: int) -> tuple[float, float | None]:
-    """(seconds per step, peak CUDA GiB or None)."""
-    step, batch = _reward_step(mode, full, device)
+def _align_step(mode: str, full: bool, device: torch.device, low_memory: bool = False):
+    """One optimizer step of ``align``: fast = cached frozen encoders (warm: a later epoch), fused
+    AdamW on CUDA; reference = VAE and text encoders every step, plain AdamW. ``low_memory``: the
+    fast mode with diffusers' gradient checkpointing."""
+    from training.clip_text import TransformersClipBackend
+    from training.conditioning import TextConditioner
+    from training.feature_cache import FeatureCache
+    from training.lora import add_lora
+    from training.objectives.align import AlignObjective
+
+    cuda = device.type == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    c = _components(full)
+    for module in (c.unet, c.vae, c.text_encoder):
+        module.requires_grad_(False).to(device, dtype)
+    params = add_lora(c.unet, 32 if full else 4, 32.0 if full else 4.0, dropout=0.1)
+    for p in params:
+        p.data = p.data.float()
+    if low_memory:
+        c.unet.enable_gradient_checkpointing()
+    fast = mode == "fast"
+    conditioner = TextConditioner(TransformersClipBackend(c.tokenizer, c.text_encoder), 240 if full else 77,
+                                  _t5_branch(full, device, dtype))
+    objective = AlignObjective(c.unet, c.vae, c.scheduler, conditioner, 0.1, dtype,
+                               FeatureCache(8 * 2**30) if fast else None)
+    optimizer = torch.optim.AdamW(params, lr=3e-5, weight_decay=1e-2, **({"fused": True} if fast and cuda else {}))
+    resolution, batch = (512, 16) if full else (64, 4)
+    g = torch.Generator().manual_seed(0)
+    data = {"pixel_values": torch.rand(batch, 3, resolution, resolution, generator=g).to(device, dtype) * 2 - 1,
+            "caption": (PROMPTS * 2)[:batch], "index": list(range(batch))}
+    counter = iter(range(10**6))
+
+    def step() -> None:
+        generator = torch.Generator(device=device).manual_seed(next(counter))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+            loss, _ = objective.loss(data, generator)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 0.3)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step, batch
+
+
+def _measure(mode: str, full: bool, device: torch.device, repeats: int, build=None) -> tuple[float, float | None]:
+    """(seconds per sample, peak CUDA GiB or None) of ``build(mode, full, device)``'s step."""
+    step, batch = (build or _reward_step)(mode, full, device)
     peak = None
     if device.type == "cuda":
         step()
@@ -159,6 +203,18 @@ def run(quick: bool) -> list[Result]:
     else:
         results.append(Result("reward step peak GPU memory", float("nan"), float("nan"), "G", "<= 0.5x", None,
                               note="not measured: no GPU in this run"))
+    ref_time, ref_mem = _measure("reference", not quick, device, repeats, _align_step)
+    fast_time, fast_mem = _measure("fast", not quick, device, repeats, _align_step)
+    where = "SD1.5 shapes, bf16, batch 16, ct5f" if not quick else "tiny preset, CPU, batch 4"
+    results.append(Result(f"align step s/sample ({where}; cache warm)", fast_time, ref_time, "s", "<= 0.67x",
+                          (fast_time / ref_time <= 1 / 1.5 and fast_mem <= ref_mem) if cuda else None,
+                          note=f"speed-up {ref_time / fast_time:.2f}x" + (f"; memory {fast_mem:.1f} vs {ref_mem:.1f} GiB"
+                                                                          if cuda else "")))
+    if cuda:
+        low_time, low_mem = _measure("fast", True, device, repeats,
+                                     lambda m, f, d: _align_step(m, f, d, low_memory=True))
+        results.append(Result("align step peak memory, low-memory setting", low_mem, ref_mem, "G", "<= 0.4x",
+                              low_mem / ref_mem <= 0.4, note=f"{1 / low_time:.3g} samples/s"))
     return results
 
 

@@ -65,3 +65,39 @@ def test_shadow_weights_follow_the_lora_and_leave_it_untouched():
     assert not any(p.requires_grad for p in denoiser.shadow.parameters())
     assert all(torch.equal(a, b) or "lora_B" in n for (n, _), a, b in zip(
         [(n, p) for n, p in c.unet.named_parameters() if p.requires_grad], before, [p.detach() for p in params]))
+
+
+def test_align_fast_mode_caches_frozen_encoders_and_keeps_the_numbers(tmp_path):
+    from trainer_helpers import make_image_folder
+    from training.clip_text import TransformersClipBackend
+    from training.conditioning import TextConditioner
+    from training.config import ModelConfig
+    from training.data import ImageCaptionDataset, collate, read_records
+    from training.feature_cache import FeatureCache
+    from training.lora import add_lora
+    from training.models import load_components
+    from training.objectives.align import AlignObjective
+
+    c = load_components(ModelConfig(tiny=True))
+    for m in (c.unet, c.vae, c.text_encoder):
+        m.requires_grad_(False)
+    add_lora(c.unet, 4, 4.0)
+    conditioner = TextConditioner(TransformersClipBackend(c.tokenizer, c.text_encoder), 77)
+    dataset = ImageCaptionDataset(read_records(make_image_folder(str(tmp_path), n=4), need_images=True), 64)
+    batch = collate([dataset[i] for i in range(4)])
+    cache = FeatureCache(2**30)
+    reference = AlignObjective(c.unet, c.vae, c.scheduler, conditioner, 0.5, torch.float32)
+    fast = AlignObjective(c.unet, c.vae, c.scheduler, conditioner, 0.5, torch.float32, cache)
+    losses = []
+    for objective in (reference, fast, fast):  # the second fast call reads everything from the cache
+        with torch.no_grad():
+            losses.append(objective.loss(batch, torch.Generator().manual_seed(3))[0])
+    torch.testing.assert_close(losses[1], losses[0], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(losses[2], losses[0], atol=1e-6, rtol=1e-5)
+    assert cache.misses > 0 and cache.hits >= 4 and cache.used > 0
+    tiny = FeatureCache(budget_bytes=1)  # too small: nothing kept, still correct
+    with torch.no_grad():
+        again = AlignObjective(c.unet, c.vae, c.scheduler, conditioner, 0.5, torch.float32, tiny).loss(
+            batch, torch.Generator().manual_seed(3))[0]
+    torch.testing.assert_close(again, losses[0], atol=1e-6, rtol=1e-5)
+    assert tiny.used == 0 and not tiny.entries

@@ -137,6 +137,7 @@ class RunConfig:
     resume: bool = opt(False, "continue from the latest complete checkpoint in output_dir")
     device: Literal["auto", "cpu"] = opt("auto", "cpu forces the CPU even with a GPU present")
     mode: Literal["fast", "reference"] = opt("fast", "fast: merged-weight no-grad calls, per-block checkpointing, chunked decode, fused AdamW; reference: the reference's own way (for comparison; same method, same numbers)")
+    cache_gb: float = opt(4.0, "fast mode, align: memory for cached VAE latents and text conditionings (frozen encoders run once per image/caption)")
     compile: Literal["auto", "on", "off"] = opt("auto", "torch.compile the fast mode's no-grad UNet (auto: on with CUDA)")
 
 

@@ -138,7 +138,7 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         image = image.crop((left, top, left + self.resolution, top + self.resolution))
         pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
         pixels = pixels.view(self.resolution, self.resolution, 3).permute(2, 0, 1).float() / 127.5 - 1.0
-        return {"pixel_values": pixels, "caption": record.caption}
+        return {"pixel_values": pixels, "caption": record.caption, "index": i}
 
 
 class PromptDataset(torch.utils.data.Dataset):
@@ -158,4 +158,5 @@ def collate(examples: list[dict | None]) -> dict:
     batch: dict = {"caption": [e["caption"] for e in good], "skipped": len(examples) - len(good)}
     if good and "pixel_values" in good[0]:
         batch["pixel_values"] = torch.stack([e["pixel_values"] for e in good])
+        batch["index"] = [e["index"] for e in good]
     return batch

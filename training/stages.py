@@ -6,6 +6,7 @@ import sys
 from . import config as config_mod
 from .config import ConfigError, TrainConfig
 from .data import DataError, read_records
+from .feature_cache import FeatureCache
 from .denoisers import CheckpointedUNet, MergedShadowUNet
 from .objectives.align import AlignObjective
 from .objectives.reward import RewardObjective
@@ -42,8 +43,9 @@ def build_align(cfg: TrainConfig, components, accelerator, dtype, conditioner) -
         if t5 is not None:
             t5.adapter = modules[0]
 
+    cache = FeatureCache(int(cfg.run.cache_gb * 2**30)) if cfg.run.mode == "fast" and cfg.run.cache_gb > 0 else None
     return Run(AlignObjective(components.unet, components.vae, components.scheduler, conditioner,
-                              cfg.data.caption_dropout, dtype), validate=validate,
+                              cfg.data.caption_dropout, dtype, cache), validate=validate,
                extra_modules=[t5.adapter] if t5 else [], adopt=adopt)
 
 
