@@ -345,3 +345,16 @@ def test_export_merged_unet_equals_base_plus_lora(align_run, tmp_path):
                           str(tmp_path / "missing.safetensors"), "--out", str(tmp_path / "x")], cwd=REPO,
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "does not exist" in bad.stderr
+
+
+@pytest.mark.parametrize("stage", ["align", "reward"])
+def test_example_configs_resolve_to_the_paper_defaults(stage):
+    from training.config import build_parser, resolve
+
+    path = os.path.join(REPO, "training", "configs", "examples", f"{stage}.yaml")
+    cfg = resolve(stage, build_parser(stage, "").parse_args(["--config", path]))
+    assert cfg.stage == stage and cfg.lora.rank == 32 and cfg.optim.lr == 3e-5
+    if stage == "align":
+        assert (cfg.data.batch_size, cfg.run.grad_accum, cfg.data.caption_dropout) == (16, 2, 0.1)
+    else:
+        assert (cfg.sampling.steps, cfg.sampling.grad_steps, cfg.sampling.guidance, cfg.sampling.w) == (50, 5, 7.5, 0.3)
