@@ -83,16 +83,14 @@ def _reward_model(full: bool, device, dtype):
     return _model(VIT_H_14, device, dtype)
 
 
-def _reward_step(mode: str, full: bool, device: torch.device):
-    """A closure running one optimizer step of the reward stage in ``mode``, and the batch size."""
+def _trainable(full: bool, device: torch.device):
+    """Frozen components in the weight dtype with a rank-32 (tiny: 4) LoRA, dropout 0.1 as the
+    reference trains, and the ct5f conditioner: ``(components, lora params, conditioner, dtype)``."""
     from training.clip_text import TransformersClipBackend
     from training.conditioning import TextConditioner
-    from training.denoisers import CheckpointedUNet, MergedShadowUNet
     from training.lora import add_lora
-    from training.objectives.reward import RewardObjective
 
-    cuda = device.type == "cuda"
-    dtype = torch.bfloat16 if cuda else torch.float32
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     c = _components(full)
     for module in (c.unet, c.vae, c.text_encoder):
         module.requires_grad_(False).to(device, dtype)
@@ -101,59 +99,14 @@ def _reward_step(mode: str, full: bool, device: torch.device):
         p.data = p.data.float()
     conditioner = TextConditioner(TransformersClipBackend(c.tokenizer, c.text_encoder), 240 if full else 77,
                                   _t5_branch(full, device, dtype))
-    fast = mode == "fast"
-    denoiser = MergedShadowUNet(c.unet, compile=fast and cuda) if fast else CheckpointedUNet(c.unet, "unet")
-    resolution, batch = (512, 8) if full else (64, 2)
-    steps, K = (50, 5) if full else (6, 2)
-    objective = RewardObjective(denoiser, c.vae, c.scheduler, conditioner, _reward_model(full, device, dtype),
-                                (4, resolution // 8, resolution // 8), steps, 7.5, K, 0.3, None, dtype,
-                                decode_chunk=2 if fast else 0, reference_encodes_images=not fast)
-    optimizer = torch.optim.AdamW(params, lr=3e-5, weight_decay=1e-2, **({"fused": True} if fast and cuda else {}))
-    prompts = {"caption": PROMPTS[:batch]}
-    counter = iter(range(10**6))
-
-    def step() -> None:
-        generator = torch.Generator(device=device).manual_seed(next(counter))
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-            loss, _ = objective.loss(prompts, generator)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 0.3)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return step, batch
+    return c, params, conditioner, dtype
 
 
-def _align_step(mode: str, full: bool, device: torch.device, low_memory: bool = False):
-    """One optimizer step of ``align``: fast = cached frozen encoders (warm: a later epoch), fused
-    AdamW on CUDA; reference = VAE and text encoders every step, plain AdamW. ``low_memory``: the
-    fast mode with diffusers' gradient checkpointing."""
-    from training.clip_text import TransformersClipBackend
-    from training.conditioning import TextConditioner
-    from training.feature_cache import FeatureCache
-    from training.lora import add_lora
-    from training.objectives.align import AlignObjective
-
+def _optimizer_step(objective, data: dict, params: list, fast: bool, device: torch.device):
+    """One training step as the trainer runs it: loss under autocast (CUDA), backward, clip 0.3,
+    AdamW (fused in fast mode on CUDA); a fresh seeded generator per step."""
     cuda = device.type == "cuda"
-    dtype = torch.bfloat16 if cuda else torch.float32
-    c = _components(full)
-    for module in (c.unet, c.vae, c.text_encoder):
-        module.requires_grad_(False).to(device, dtype)
-    params = add_lora(c.unet, 32 if full else 4, 32.0 if full else 4.0, dropout=0.1)
-    for p in params:
-        p.data = p.data.float()
-    if low_memory:
-        c.unet.enable_gradient_checkpointing()
-    fast = mode == "fast"
-    conditioner = TextConditioner(TransformersClipBackend(c.tokenizer, c.text_encoder), 240 if full else 77,
-                                  _t5_branch(full, device, dtype))
-    objective = AlignObjective(c.unet, c.vae, c.scheduler, conditioner, 0.1, dtype,
-                               FeatureCache(8 * 2**30) if fast else None)
     optimizer = torch.optim.AdamW(params, lr=3e-5, weight_decay=1e-2, **({"fused": True} if fast and cuda else {}))
-    resolution, batch = (512, 16) if full else (64, 4)
-    g = torch.Generator().manual_seed(0)
-    data = {"pixel_values": torch.rand(batch, 3, resolution, resolution, generator=g).to(device, dtype) * 2 - 1,
-            "caption": (PROMPTS * 2)[:batch], "index": list(range(batch))}
     counter = iter(range(10**6))
 
     def step() -> None:
@@ -165,7 +118,44 @@ def _align_step(mode: str, full: bool, device: torch.device, low_memory: bool = 
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return step, batch
+    return step
+
+
+def _reward_step(mode: str, full: bool, device: torch.device):
+    """A closure running one optimizer step of the reward stage in ``mode``, and the batch size."""
+    from training.denoisers import CheckpointedUNet, MergedShadowUNet
+    from training.objectives.reward import RewardObjective
+
+    c, params, conditioner, dtype = _trainable(full, device)
+    fast = mode == "fast"
+    denoiser = (MergedShadowUNet(c.unet, compile=device.type == "cuda") if fast
+                else CheckpointedUNet(c.unet, "unet"))
+    resolution, batch = (512, 8) if full else (64, 2)
+    steps, K = (50, 5) if full else (6, 2)
+    objective = RewardObjective(denoiser, c.vae, c.scheduler, conditioner, _reward_model(full, device, dtype),
+                                (4, resolution // 8, resolution // 8), steps, 7.5, K, 0.3, None, dtype,
+                                decode_chunk=2 if fast else 0, reference_encodes_images=not fast)
+    return _optimizer_step(objective, {"caption": PROMPTS[:batch]}, params, fast, device), batch
+
+
+def _align_step(mode: str, full: bool, device: torch.device, low_memory: bool = False):
+    """One optimizer step of ``align``: fast = cached frozen encoders (warm: a later epoch), fused
+    AdamW on CUDA; reference = VAE and text encoders every step, plain AdamW. ``low_memory``: the
+    fast mode with diffusers' gradient checkpointing."""
+    from training.feature_cache import FeatureCache
+    from training.objectives.align import AlignObjective
+
+    c, params, conditioner, dtype = _trainable(full, device)
+    if low_memory:
+        c.unet.enable_gradient_checkpointing()
+    fast = mode == "fast"
+    objective = AlignObjective(c.unet, c.vae, c.scheduler, conditioner, 0.1, dtype,
+                               FeatureCache(8 * 2**30) if fast else None)
+    resolution, batch = (512, 16) if full else (64, 4)
+    g = torch.Generator().manual_seed(0)
+    data = {"pixel_values": torch.rand(batch, 3, resolution, resolution, generator=g).to(device, dtype) * 2 - 1,
+            "caption": (PROMPTS * 2)[:batch], "index": list(range(batch))}
+    return _optimizer_step(objective, data, params, fast, device), batch
 
 
 def _measure(mode: str, full: bool, device: torch.device, repeats: int, build=None) -> tuple[float, float | None]:
