@@ -16,7 +16,7 @@ import torch
 
 from .common import format_table
 
-SUITES = ["encode", "reward", "lora_load", "sampling", "train"]
+SUITES = ["encode", "reward", "lora_load", "sampling", "train", "align", "mfu"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,7 +37,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[bench] {name}: not available yet", file=sys.stderr)
             continue
         print(f"[bench] {name} ...", file=sys.stderr, flush=True)
-        results.extend(module.run(args.quick))
+        rows = module.run(args.quick)
+        print(format_table(rows), file=sys.stderr, flush=True)  # each suite's rows as soon as they exist
+        results.extend(rows)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "CPU"
     print(f"device: {device}; torch {torch.__version__}; {time.strftime('%Y-%m-%d')}; quick={args.quick}")
     print(format_table(results))

@@ -10,8 +10,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.join(REPO, "tests")
 
 
-def comfy_ready() -> None:
-    """Import ComfyUI from ``LONGALIGN_COMFYUI`` (set by scripts/bench.sh) and the pack."""
+def comfy_ready(quick: bool) -> None:
+    """Import ComfyUI from ``LONGALIGN_COMFYUI`` (set by scripts/bench.sh) and the pack; on the GPU
+    when one is there and not ``quick`` (ComfyUI's own device management), else as ``--cpu``."""
     root = os.environ.get("LONGALIGN_COMFYUI", "")
     if not os.path.isfile(os.path.join(root, "main.py")):
         raise RuntimeError("LONGALIGN_COMFYUI must point at ComfyUI's folder: run `bash scripts/bench.sh`")
@@ -19,7 +20,7 @@ def comfy_ready() -> None:
         sys.path.append(TESTS)
     from comfy_inprocess import import_comfy, load_pack
 
-    import_comfy(root)
+    import_comfy(root, cpu=quick or not torch.cuda.is_available())
     load_pack()
 
 

@@ -21,7 +21,7 @@ RANK = 32
 
 
 def run(quick: bool) -> list[Result]:
-    comfy_ready()
+    comfy_ready(quick)
     import folder_paths
     import nodes as comfy_nodes
     from comfy_inprocess import load_pack

@@ -45,7 +45,8 @@ PROMPTS = [
 
 def _model(config: CLIPConfig, device: torch.device, dtype: torch.dtype) -> TransformersPreferenceModel:
     torch.manual_seed(0)
-    model = CLIPModel(config).to(device, dtype)
+    with device:  # initialised where it runs (a ViT-H initialises in seconds on a GPU, a minute on a CPU)
+        model = CLIPModel(config).to(dtype)
     return TransformersPreferenceModel("denscore", "built from config", model, model.logit_scale.exp().item(),
                                        config.vision_config.image_size)
 

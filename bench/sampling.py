@@ -15,7 +15,7 @@ from .comfy_setup import comfy_ready, comfy_sd15_model
 
 
 def run(quick: bool) -> list[Result]:
-    comfy_ready()
+    comfy_ready(quick)
     import comfy.sample
 
     cuda = torch.cuda.is_available() and not quick

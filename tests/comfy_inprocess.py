@@ -9,13 +9,14 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def import_comfy(root: str) -> None:
-    """Put ComfyUI's folder first on ``sys.path`` and import it for the CPU."""
+def import_comfy(root: str, cpu: bool = True) -> None:
+    """Put ComfyUI's folder first on ``sys.path`` and import it (``cpu``: as ``--cpu``; the tests'
+    way; the GPU benchmarks pass False)."""
     if root not in sys.path:
         sys.path.insert(0, root)
     import comfy.cli_args
 
-    comfy.cli_args.args.cpu = True
+    comfy.cli_args.args.cpu = cpu
     import comfy.model_management  # noqa: F401  (reads args.cpu)
     import utils.extra_config  # noqa: F401  (before `nodes`: see COMFYUI-NOTES)
 
@@ -33,8 +34,8 @@ def load_pack(name: str = "comfyui_longalign"):
     return module
 
 
-def comfy_clip_from_transformers(model):
-    """ComfyUI's SD1.x CLIP object holding exactly ``model``'s weights (fp32)."""
+def comfy_clip_from_transformers(model, dtype=None):
+    """ComfyUI's SD1.x CLIP object holding exactly ``model``'s weights (``dtype``: float32 unless given)."""
     import comfy.sd
     import comfy.sd1_clip
     import comfy.supported_models_base
@@ -43,7 +44,7 @@ def comfy_clip_from_transformers(model):
     from tiny_models import clip_ldm_state_dict
 
     target = comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer, comfy.sd1_clip.SD1ClipModel)
-    options = {"clip_l_model_config": {"num_hidden_layers": model.config.num_hidden_layers}, "dtype": torch.float32}
+    options = {"clip_l_model_config": {"num_hidden_layers": model.config.num_hidden_layers}, "dtype": dtype or torch.float32}
     clip = comfy.sd.CLIP(target, model_options=options)
     missing, _ = clip.load_sd(clip_ldm_state_dict(model))
     missing = [k for k in missing if "text_projection" not in k and "logit_scale" not in k]

@@ -7,7 +7,9 @@
   sampling pass (the trained weights are never merged and unmerged in place, so bf16 rounding
   cannot drift them); gradient calls go through the peft LoRA with diffusers' per-block gradient
   checkpointing (SPEC §8: faster and 3.6x lighter than one whole-UNet checkpoint). LoRA dropout,
-  when set, acts in the gradient calls only.
+  when set, acts in the gradient calls only. With ``compile``, both paths are ``torch.compile``d
+  with static shapes (SPEC §8, one batch-16 call on an H100: no-grad 54 -> 38 ms, gradient call
+  270 -> 209 ms).
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import copy
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from .lora import unet_lora_layers
+from .lora import injected_lora_layers
 
 
 class CheckpointedUNet:
@@ -57,13 +59,13 @@ def _set_submodule(root: torch.nn.Module, name: str, value: torch.nn.Module) -> 
 
 class MergedShadowUNet:
     """The fast mode (see the module docstring). ``compile``: ``torch.compile`` the shadow's forward
-    (static shapes; worth it on CUDA)."""
+    and the LoRA UNet's gradient forward (static shapes; worth it on CUDA)."""
 
     def __init__(self, unet: torch.nn.Module, compile: bool = False):
         self.unet = unet
         raw = _raw(unet)
         raw.enable_gradient_checkpointing()
-        self.layers = [layer.name for layer in unet_lora_layers(raw)]
+        self.layers = [layer.name for layer in injected_lora_layers(raw)]
         self.lora = {name: raw.get_submodule(name) for name in self.layers}
         shadow = copy.deepcopy(raw)
         for name in self.layers:  # the shadow holds plain layers with their own weight buffers
@@ -71,6 +73,7 @@ class MergedShadowUNet:
         shadow.requires_grad_(False).disable_gradient_checkpointing()
         self.shadow = shadow
         self._forward = torch.compile(shadow, dynamic=False) if compile else shadow
+        self._grad_forward = torch.compile(unet, dynamic=False) if compile else unet
 
     @torch.no_grad()
     def prepare(self) -> None:
@@ -87,4 +90,4 @@ class MergedShadowUNet:
         return self._forward(x, t, context).sample
 
     def with_grad(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        return self.unet(x, t, context).sample
+        return self._grad_forward(x, t, context).sample

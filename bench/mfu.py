@@ -1,0 +1,64 @@
+"""UNet model FLOP utilisation in the no-grad sampling calls (issue 11).
+
+    MFU = F / t / P
+
+``F``: the floating-point operations of one SD1.5 UNet call as the reward stage makes it (batch 16 =
+8 prompts x CFG, 64x64 latents, ct5f context of 480 tokens, bf16), counted by
+``torch.utils.flop_counter`` on that call (matrix products, convolutions, attention); ``t``: the
+call's median time, eager and compiled as the fast mode's shadow UNet runs it
+(``torch.compile(dynamic=False)``); ``P``: the rate of a large bf16 matrix product (8192^3)
+measured in the same run. Target: at least 45 % for the compiled call. CUDA only.
+"""
+from __future__ import annotations
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from .common import Result, median_time
+
+BATCH, LATENT, CONTEXT = 16, 64, 480
+
+
+def _matmul_rate(device: torch.device, n: int = 8192) -> float:
+    """FLOP/s of an ``n x n x n`` bf16 matrix product on random data."""
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    return 2 * n**3 / median_time(lambda: a @ b, repeats=20, warmup=5)
+
+
+def _sd15_unet(device: torch.device) -> torch.nn.Module:
+    from diffusers import UNet2DConditionModel
+
+    from training.models import SD15_CONFIG
+
+    torch.manual_seed(0)
+    with device:
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(SD15_CONFIG, subfolder="unet"))
+    return unet.to(torch.bfloat16).eval().requires_grad_(False)
+
+
+def run(quick: bool) -> list[Result]:
+    name = f"UNet MFU, no-grad call (SD1.5, b{BATCH}, ctx {CONTEXT}, bf16)"
+    if quick or not torch.cuda.is_available():
+        return [Result(name, float("nan"), float("nan"), "TF", ">= 0.45", None, note="not measured: CUDA only")]
+    device = torch.device("cuda")
+    peak = _matmul_rate(device)
+    unet = _sd15_unet(device)
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(BATCH, 4, LATENT, LATENT, device=device, dtype=torch.bfloat16, generator=g)
+    t = torch.full((BATCH,), 500, device=device, dtype=torch.long)
+    context = torch.randn(BATCH, CONTEXT, 768, device=device, dtype=torch.bfloat16, generator=g)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        unet(x, t, context)
+    flops = counter.get_total_flops()
+    results = []
+    for label, forward in (("eager", unet), ("compiled", torch.compile(unet, dynamic=False))):
+        with torch.no_grad():
+            seconds = median_time(lambda: forward(x, t, context), repeats=20, warmup=3)
+        rate = flops / seconds
+        results.append(Result(f"{name}, {label}", rate / 1e12, peak / 1e12, "TF",
+                              ">= 0.45" if label == "compiled" else "report",
+                              rate / peak >= 0.45 if label == "compiled" else None,
+                              note=f"{seconds * 1e3:.1f} ms per call, {flops / 1e12:.2f} TFLOP; baseline = "
+                                   "8192^3 bf16 matmul in the same run"))
+    return results
