@@ -29,18 +29,36 @@ from .lora_format import LoraLayer, lora_layers
 ADAPTER = "default"
 
 
-def unet_lora_layers(unet: torch.nn.Module) -> tuple[LoraLayer, ...]:
-    """The target layers of this UNet (from its config), in reference order."""
-    return lora_layers({k: v for k, v in dict(unet.config).items() if not k.startswith("_")})
+ATTENTION_PROJECTION = re.compile(r"\.attn\d\.(?:to_q|to_k|to_v|to_out\.0)$")
+"""``targets = "attention"`` (CoMat): the query, key, value and output projections of every attention."""
 
 
-def add_lora(unet: torch.nn.Module, rank: int, alpha: float, dropout: float = 0.0) -> list[torch.nn.Parameter]:
-    """Inject trainable LoRA layers into ``unet`` (in place) and return their parameters."""
+def unet_lora_layers(unet: torch.nn.Module, targets: str = "reference") -> tuple[LoraLayer, ...]:
+    """The target layers of this UNet (from its config), in reference order: ``reference`` (SPEC §4)
+    or ``attention`` (the ``to_q/to_k/to_v/to_out`` subset, SPEC §6)."""
+    layers = lora_layers({k: v for k, v in dict(unet.config).items() if not k.startswith("_")})
+    if targets == "attention":
+        return tuple(layer for layer in layers if ATTENTION_PROJECTION.search(layer.name))
+    if targets != "reference":
+        raise ValueError(f"lora.targets must be 'reference' or 'attention', got {targets!r}")
+    return layers
+
+
+def injected_lora_layers(unet: torch.nn.Module) -> tuple[LoraLayer, ...]:
+    """The target layers that carry an injected LoRA, in reference order."""
+    return tuple(layer for layer in unet_lora_layers(unet)
+                 if isinstance(unet.get_submodule(layer.name), BaseTunerLayer))
+
+
+def add_lora(unet: torch.nn.Module, rank: int, alpha: float, dropout: float = 0.0,
+             targets: str = "reference") -> list[torch.nn.Parameter]:
+    """Inject trainable LoRA layers into ``unet`` (in place) on ``targets`` (:func:`unet_lora_layers`)
+    and return their parameters."""
     if rank < 1:
         raise ValueError(f"lora.rank must be >= 1, got {rank}")
     config = PeftLoraConfig(
         r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights="gaussian",
-        target_modules=[layer.name for layer in unet_lora_layers(unet)],
+        target_modules=[layer.name for layer in unet_lora_layers(unet, targets)],
     )
     inject_adapter_in_model(config, unet, adapter_name=ADAPTER)
     params = [p for n, p in unet.named_parameters() if ".lora_" in n]
@@ -53,7 +71,7 @@ def kohya_state_dict(unet: torch.nn.Module, alpha: float, dtype: torch.dtype = t
     """The injected LoRA as kohya-named tensors (``lora_down`` = peft's A, ``lora_up`` = B)."""
     peft_sd = get_peft_model_state_dict(unet, adapter_name=ADAPTER)
     out: dict[str, torch.Tensor] = {}
-    for layer in unet_lora_layers(unet):
+    for layer in injected_lora_layers(unet):
         down = peft_sd[f"{layer.name}.lora_A.weight"]
         up = peft_sd[f"{layer.name}.lora_B.weight"]
         out[f"{layer.kohya_name}.lora_down.weight"] = down.detach().to("cpu", dtype).contiguous()
