@@ -154,6 +154,6 @@ def test_unknown_objective_name_is_refused(case, tmp_path):
         cfg = tmp_path / "cfg.yaml"
         cfg.write_text("sampling:\n  objective: dreambooth\n")
         out = run_stage("reward", "--config", str(cfg), *args, check=False)
-        expected = "sampling.objective: 'dreambooth' is not one of ['longalign', 'textcraftor']"
+        expected = "sampling.objective: 'dreambooth' is not one of ['longalign', 'textcraftor', 'comat']"
     assert out.returncode == 2 and expected in out.stderr, out.stderr[-2000:]
     assert "Traceback" not in out.stderr

@@ -42,7 +42,9 @@ class LoraConfig:
     rank: int = opt(32, "LoRA rank r (reference 32)")
     alpha: float = opt(32.0, "LoRA alpha; scale = alpha / rank (reference: scale 1)")
     dropout: float = opt(0.0, "dropout on the LoRA branch (reference trains with 0.1)")
-    targets: Literal["reference"] = opt("reference", "every Linear/Conv2d in ResnetBlock2D, Attention and GEGLU")
+    targets: Literal["reference", "attention"] = opt(
+        "reference", "reference: every Linear/Conv2d in ResnetBlock2D, Attention and GEGLU; attention: to_q, to_k, "
+        "to_v, to_out of every attention (CoMat)")
 
 
 @dataclass
@@ -73,9 +75,10 @@ class SamplingConfig:
     grad_steps: int = opt(5, "K: UNet calls with gradient (every steps/K-th step, random offset)")
     w: float = opt(0.3, "reweighting of the text-irrelevant score part (reference 0.3; 1 = plain score)")
     decode_chunk: int = opt(2, "fast mode: images decoded and back-propagated into x0 at a time (memory); 0 = whole batch")
-    objective: Literal["longalign", "textcraftor"] = opt(
-        "longalign", "reward-stage objective: longalign (decomposed preference, SPEC §4) or textcraftor (text-encoder "
-        "fine-tuning on rewards, SPEC §5); sets that objective's defaults")
+    objective: Literal["longalign", "textcraftor", "comat"] = opt(
+        "longalign", "reward-stage objective: longalign (decomposed preference, SPEC §4), textcraftor (text-encoder "
+        "fine-tuning on rewards, SPEC §5) or comat (concept matching, attribute concentration, fidelity, SPEC §6); "
+        "sets that objective's defaults")
     sampler: Literal["ddim", "lcm"] = opt(
         "ddim", "solver of the differentiable loop: ddim, or lcm (reward_lcm: 4 LCM steps, no CFG; use an LCM "
         "student as model.init_lora); sets that sampler's defaults")
@@ -105,6 +108,26 @@ class TextCraftorConfig:
     aesthetic_clip: str | None = opt(None, "CLIP model whose image features the head reads (paper: OpenAI ViT-L/14)")
     aesthetic_kind: Literal["denscore", "pickscore", "hpsv2", "clip"] = opt("clip", "kind of aesthetic_clip")
     aesthetic_arch: str = opt("ViT-L-14", "open_clip architecture of aesthetic_clip")
+
+
+@dataclass
+class CoMatConfig:
+    """CoMat (Jiang et al., NeurIPS 2024; SPEC §6). Loss = -w_concept r + w_adv G_adv + w_token L_token +
+    w_pixel L_pixel; a term with weight 0 is off (nothing of it is loaded or computed)."""
+
+    captioner: str | None = opt(None, "BLIP captioner folder (transformers BlipForConditionalGeneration, e.g. a "
+                                "local blip-image-captioning-large: config.json, model.safetensors, tokenizer files)")
+    w_concept: float = opt(1.0, "concept-matching weight (paper: 1; r = minus BLIP's mean token cross-entropy)")
+    w_adv: float = opt(1.0, "adversarial (fidelity preservation) weight (paper, SD1.5: 1)")
+    w_token: float = opt(1e-3, "attribute-concentration token-loss weight (paper: 1e-3)")
+    w_pixel: float = opt(5e-5, "attribute-concentration pixel-loss weight (paper: 5e-5; needs noun masks, which the "
+                         "prompts-only data does not carry: off in practice)")
+    attn_steps: int = opt(2, "gradient calls whose cross-attention maps enter the concentration losses (paper: 2 of 5)")
+    threshold: float = opt(0.5, "mask-free concentration: a noun's region is where its map is >= threshold x its max (ours)")
+    max_group_words: int = opt(3, "noun-modifier groups with more words are dropped (reference: 4+ dropped)")
+    disc_lr: float = opt(2e-5, "discriminator AdamW learning rate (paper 2e-5)")
+    disc_betas: list = opt([0.0, 0.999], "discriminator AdamW betas (paper (0, 0.999))")
+    disc_max_grad_norm: float = opt(1.0, "discriminator gradient-norm clip (paper 1)")
 
 
 @dataclass
@@ -138,7 +161,7 @@ class RunConfig:
     device: Literal["auto", "cpu"] = opt("auto", "cpu forces the CPU even with a GPU present")
     mode: Literal["fast", "reference"] = opt("fast", "fast: merged-weight no-grad calls, per-block checkpointing, chunked decode, fused AdamW; reference: the reference's own way (for comparison; same method, same numbers)")
     cache_gb: float = opt(4.0, "fast mode, align: memory for cached VAE latents and text conditionings (frozen encoders run once per image/caption)")
-    compile: Literal["auto", "on", "off"] = opt("auto", "torch.compile the fast mode's no-grad UNet (auto: on with CUDA)")
+    compile: Literal["auto", "on", "off"] = opt("auto", "torch.compile the fast mode's UNet calls (auto: on with CUDA)")
 
 
 @dataclass
@@ -150,6 +173,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     textcraftor: TextCraftorConfig = field(default_factory=TextCraftorConfig)
+    comat: CoMatConfig = field(default_factory=CoMatConfig)
     lcm: LcmConfig = field(default_factory=LcmConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
@@ -167,9 +191,15 @@ OBJECTIVE_DEFAULTS: dict[str, dict[str, Any]] = {
     "longalign": {},
     "textcraftor": {"sampling.steps": 25, "sampling.guidance": 7.5, "sampling.grad_steps": 5, "optim.lr": 1e-6,
                     "optim.max_grad_norm": 0.0, "optim.warmup_steps": 0, "data.batch_size": 4},
+    "comat": {"sampling.steps": 50, "sampling.guidance": 7.5, "sampling.grad_steps": 5, "optim.lr": 5e-5,
+              "optim.weight_decay": 1e-2, "optim.max_grad_norm": 0.1, "optim.warmup_steps": 0, "data.batch_size": 4,
+              "run.max_steps": 2000, "lora.rank": 128, "lora.alpha": 128.0, "lora.targets": "attention"},
 }
 """Each objective's paper settings (SPEC §5 TextCraftor: DDIM 25, CFG 7.5, the last 5 steps with the
-fine-tuned encoder, AdamW 1e-6 without clipping, batch 4 per GPU; no warm-up is given: constant LR)."""
+fine-tuned encoder, AdamW 1e-6 without clipping, batch 4 per GPU; no warm-up is given: constant LR.
+SPEC §6 CoMat, SD1.5: 50 steps, CFG 7.5, K = 5, AdamW lr 5e-5, wd 1e-2, constant LR, clip 0.1, batch 4 per GPU,
+2000 steps, LoRA rank 128 (scale 1) on to_q/to_k/to_v/to_out of every attention. The paper trains in fp16;
+ours keeps bf16 (no loss scaling for the discriminator's own step))."""
 
 SAMPLER_DEFAULTS: dict[str, dict[str, Any]] = {
     "ddim": {},
@@ -293,6 +323,7 @@ def build_parser(stage: str, description: str) -> argparse.ArgumentParser:
     if stage == "reward":
         parser.add_argument("--objective", choices=list(OBJECTIVE_DEFAULTS), help="shorthand for --sampling.objective")
         parser.add_argument("--sampler", choices=list(SAMPLER_DEFAULTS), help="shorthand for --sampling.sampler")
+        parser.add_argument("--captioner", help="shorthand for --comat.captioner")
     defaults = TrainConfig(stage=stage)
     for key, value in STAGE_DEFAULTS[stage].items():
         set_value(defaults, key, value)
@@ -308,7 +339,7 @@ def build_parser(stage: str, description: str) -> argparse.ArgumentParser:
     return parser
 
 
-SHORTHANDS = {"objective": "sampling.objective", "sampler": "sampling.sampler"}
+SHORTHANDS = {"objective": "sampling.objective", "sampler": "sampling.sampler", "captioner": "comat.captioner"}
 
 
 def resolve(stage: str, args: argparse.Namespace) -> TrainConfig:

@@ -81,22 +81,25 @@ def to_rgb(images: torch.Tensor) -> torch.Tensor:
 
 
 def preprocess_images(images: torch.Tensor, size: int, mean: Sequence[float], std: Sequence[float],
-                      train: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
+                      train: bool = False, generator: torch.Generator | None = None,
+                      crop_fraction: float = CROP_FRACTION, mode: str = "bilinear") -> torch.Tensor:
     """Crop, resize and normalise ``(B, C, H, W)`` images in [0, 1] to ``(B, 3, size, size)``.
 
-    Crop: a square of side ``round(504/512 * min(H, W))`` (504 of a 512 image, as the reference),
-    one random offset for the batch when ``train`` else centred. Differentiable in ``images``.
+    Crop: a square of side ``round(crop_fraction * min(H, W))`` (504 of a 512 image, as the reference;
+    CoMat's captioner: 510), one random offset for the batch when ``train`` else centred; ``mode``:
+    the (antialiased) resize. Differentiable in ``images``.
     """
     images = to_rgb(images)
     h, w = images.shape[-2:]
-    side = max(1, round(CROP_FRACTION * min(h, w)))
+    side = max(1, round(crop_fraction * min(h, w)))
     if train:
-        top = int(torch.randint(0, h - side + 1, (1,), generator=generator))
-        left = int(torch.randint(0, w - side + 1, (1,), generator=generator))
+        where = generator.device if generator is not None else None  # a CUDA generator draws on CUDA
+        top = int(torch.randint(0, h - side + 1, (1,), generator=generator, device=where))
+        left = int(torch.randint(0, w - side + 1, (1,), generator=generator, device=where))
     else:
         top, left = (h - side) // 2, (w - side) // 2
     crop = images[:, :, top: top + side, left: left + side].float()
-    resized = F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    resized = F.interpolate(crop, size=(size, size), mode=mode, antialias=True, align_corners=False)
     mean_t = torch.tensor(mean, device=resized.device).view(1, 3, 1, 1)
     std_t = torch.tensor(std, device=resized.device).view(1, 3, 1, 1)
     return (resized - mean_t) / std_t

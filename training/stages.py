@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import sys
 
+import torch
+
 from . import config as config_mod
 from .config import ConfigError, TrainConfig
 from .data import DataError, read_records
@@ -20,7 +22,7 @@ DESCRIPTIONS = {
              "text encoding). Defaults reproduce the paper (SPEC §4).",
     "reward": "LongAlign stage 2: decomposed preference optimisation through the differentiable DDIM "
               "sampler (50 steps, K = 5 gradient calls, CFG 7.5, w = 0.3). Needs prompts only. --objective "
-              "textcraftor and --sampler lcm (reward_lcm) share the same loop.",
+              "textcraftor, --objective comat and --sampler lcm (reward_lcm) share the same loop.",
     "lcm": "Latent consistency distillation of the (aligned) SD1.5 teacher into a LoRA student (Huber loss, "
            "DDIM solver 50 steps, c_skip/c_out with sigma_data 0.5 and timestep scaling 10; SPEC §4). Sample with "
            "4 LCM steps, CFG off (ComfyUI: LoraLoader + ModelSamplingDiscrete lcm + KSampler lcm, cfg 1).",
@@ -43,8 +45,10 @@ def build_align(cfg: TrainConfig, components, accelerator, dtype, conditioner) -
         if t5 is not None:
             t5.adapter = modules[0]
 
-    cache = FeatureCache(int(cfg.run.cache_gb * 2**30)) if cfg.run.mode == "fast" and cfg.run.cache_gb > 0 else None
-    return Run(AlignObjective(components.unet, components.vae, components.scheduler, conditioner,
+    fast = cfg.run.mode == "fast"
+    cache = FeatureCache(int(cfg.run.cache_gb * 2**30)) if fast and cfg.run.cache_gb > 0 else None
+    unet = torch.compile(components.unet, dynamic=False) if fast and _compiled(cfg, accelerator) else components.unet
+    return Run(AlignObjective(unet, components.vae, components.scheduler, conditioner,
                               cfg.data.caption_dropout, dtype, cache), validate=validate,
                extra_modules=[t5.adapter] if t5 else [], adopt=adopt)
 
@@ -55,10 +59,14 @@ def _latent_shape(cfg: TrainConfig, components, accelerator) -> tuple[int, int, 
     return (accelerator.unwrap_model(components.unet).config.in_channels, resolution // factor, resolution // factor)
 
 
+def _compiled(cfg: TrainConfig, accelerator) -> bool:
+    """Whether the fast mode ``torch.compile``s its UNet calls (``run.compile``; auto: with CUDA)."""
+    return cfg.run.compile == "on" or (cfg.run.compile == "auto" and accelerator.device.type == "cuda")
+
+
 def _denoiser(cfg: TrainConfig, components, accelerator):
     if cfg.run.mode == "fast":
-        compile_ = cfg.run.compile == "on" or (cfg.run.compile == "auto" and accelerator.device.type == "cuda")
-        return MergedShadowUNet(components.unet, compile=compile_)
+        return MergedShadowUNet(components.unet, compile=_compiled(cfg, accelerator))
     return CheckpointedUNet(components.unet, "unet")
 
 
@@ -74,6 +82,8 @@ def _solver(cfg: TrainConfig, scheduler) -> DDIM:
 def build_reward(cfg: TrainConfig, components, accelerator, dtype, conditioner) -> Run:
     if cfg.sampling.objective == "textcraftor":
         return build_textcraftor(cfg, components, accelerator, dtype, conditioner)
+    if cfg.sampling.objective == "comat":
+        return build_comat(cfg, components, accelerator, dtype, conditioner)
     from .reward_models import load_reward_model
     from .tiny import tiny_reward_model
 
@@ -115,6 +125,44 @@ def build_textcraftor(cfg: TrainConfig, components, accelerator, dtype, conditio
                                      cfg.sampling.guidance, cfg.sampling.grad_steps, dtype,
                                      solver=_solver(cfg, components.scheduler))
     return Run(objective, extra_modules=[encoder], adopt=objective.adopt)
+
+
+def build_comat(cfg: TrainConfig, components, accelerator, dtype, conditioner) -> Run:
+    """CoMat (SPEC §6): the UNet LoRA trained on concept matching, attribute concentration and a latent
+    discriminator. The discriminator is copied from the UNet while its LoRA is still untrained, before
+    the attention capture is installed."""
+    from .attention_maps import AttentionStore, install_capture
+    from .captioner import load_captioner
+    from .discriminator import DiscriminatorTrainer, LatentDiscriminator
+    from .objectives.comat import CoMatObjective, RealLatents
+
+    cc, sc = cfg.comat, cfg.sampling
+    captioner = None
+    if cc.w_concept > 0:
+        if not cc.captioner:
+            raise ModelFileError("comat.captioner is not set: concept matching needs a local BLIP captioner folder "
+                                 "(--captioner PATH), or set comat.w_concept 0")
+        captioner = load_captioner(cc.captioner, accelerator.device, dtype)
+    latent_shape = _latent_shape(cfg, components, accelerator)
+    solver = _solver(cfg, components.scheduler)
+    denoiser = _denoiser(cfg, components, accelerator)
+    discriminator = real = None
+    if cc.w_adv > 0:
+        with torch.no_grad():
+            empty = conditioner([""]).to(dtype)
+        d = LatentDiscriminator(components.unet, empty, solver.timesteps(sc.steps)[-1])
+        discriminator = DiscriminatorTrainer(d, cc.disc_lr, tuple(cc.disc_betas), cfg.optim.weight_decay,
+                                             cc.disc_max_grad_norm)
+        real = RealLatents(components.unet, solver, latent_shape, sc.steps, sc.guidance)
+    store = None
+    if cc.w_token > 0 or cc.w_pixel > 0:
+        store = AttentionStore()
+        install_capture(components.unet, store)
+    return Run(CoMatObjective(denoiser, components.vae, components.scheduler, conditioner, latent_shape, sc.steps,
+                              sc.guidance, sc.grad_steps, dtype, captioner=captioner, w_concept=cc.w_concept,
+                              store=store, w_token=cc.w_token, w_pixel=cc.w_pixel, attn_steps=cc.attn_steps,
+                              threshold=cc.threshold, max_group_words=cc.max_group_words, discriminator=discriminator,
+                              real=real, w_adv=cc.w_adv, solver=solver))
 
 
 def build_lcm(cfg: TrainConfig, components, accelerator, dtype, conditioner) -> Run:

@@ -148,7 +148,7 @@ def train(cfg: TrainConfig, build_run) -> str:
         named = (load_reference_lora(cfg.model.init_lora, components.unet.config)
                  if cfg.model.init_lora.endswith((".pt", ".pth")) else load_tensors(cfg.model.init_lora, "model.init_lora"))
         merge_kohya_lora(components.unet, named)
-    lora_params = add_lora(components.unet, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout)
+    lora_params = add_lora(components.unet, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.targets)
     for p in lora_params:
         p.data = p.data.float()
     unet = accelerator.prepare(components.unet)

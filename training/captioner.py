@@ -1,0 +1,111 @@
+"""CoMat's concept matching (Jiang et al., NeurIPS 2024; SPEC §6): an image captioner scores how
+likely the prompt is as a caption of the generated image.
+
+Captioner: BLIP image-captioning (``BlipForConditionalGeneration``; CoMat uses
+blip-image-captioning-large, fp16, frozen) from a local folder. For images ``x`` in [0, 1] and
+prompts ``p``:
+
+    x' = normalise_CLIP(resize_bicubic(crop(x), 384))        crop: 510 of 512 (random offset)
+    y  = tokens("a photography of " + lower(p))               BERT WordPiece, padded to the longest
+    r  = - (1 / |S|) sum_{(b, j) in S} CE_0.1(logits_{b, j-1}, y_{b, j})
+    L_concept = - r
+
+``S``: every token position that is neither padding nor part of the prefix (the labels there are
+-100); ``CE_0.1``: cross-entropy with label smoothing 0.1; the mean runs over all counted tokens of
+the batch (transformers' ``reduction="mean"``). ``r`` is differentiable in ``x``; the captioner's
+own parameters never get gradients.
+"""
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .reward_models import CLIP_MEAN, CLIP_STD
+from .safe_io import ModelFileError, load_json_object
+from .scoring import preprocess_images
+
+CAPTION_PREFIX = "a photography of "
+IGNORE_INDEX = -100
+LABEL_SMOOTHING = 0.1
+CROP_FRACTION = 510 / 512
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+
+
+class Captioner:
+    """A frozen BLIP captioner and its tokenizer (see the module docstring)."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer, path: str = "<memory>"):
+        self.model = model.eval().requires_grad_(False)
+        self.tokenizer, self.path = tokenizer, path
+        self.image_size = int(model.config.vision_config.image_size)
+        self.max_tokens = int(model.config.text_config.max_position_embeddings)
+        """Longer captions are truncated (BLIP's text positions)."""
+        self.prefix_length = len(tokenizer(CAPTION_PREFIX.strip()).input_ids) - 1
+        """Tokens of the prefix with the start token, without the end token (reference)."""
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def pixels(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``(B, 3, S, S)`` captioner input of images in [0, 1]; random crop when ``generator`` is given."""
+        return preprocess_images(images, self.image_size, CLIP_MEAN, CLIP_STD, train=generator is not None,
+                                 generator=generator, crop_fraction=CROP_FRACTION, mode="bicubic")
+
+    def text(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(input_ids, attention_mask, labels)``; labels are -100 on padding and on the prefix."""
+        enc = self.tokenizer([CAPTION_PREFIX + p.lower() for p in prompts], padding="longest", truncation=True,
+                             max_length=self.max_tokens, return_tensors="pt")
+        ids, mask = enc.input_ids.to(self.device), enc.attention_mask.to(self.device)
+        labels = ids.masked_fill(mask == 0, IGNORE_INDEX)
+        labels[:, : self.prefix_length] = IGNORE_INDEX
+        return ids, mask, labels
+
+    def reward(self, images: torch.Tensor, prompts: Sequence[str], generator: torch.Generator | None = None
+               ) -> torch.Tensor:
+        """``r``: minus the mean smoothed token cross-entropy of ``prompts`` given ``images`` (scalar)."""
+        if len(prompts) != images.shape[0]:
+            raise ValueError(f"captioner: {images.shape[0]} images but {len(prompts)} prompts")
+        pixels = self.pixels(images.to(self.device), generator).to(self.model.dtype)
+        ids, mask, labels = self.text(prompts)
+        logits = self.model(pixel_values=pixels, input_ids=ids, attention_mask=mask).logits
+        shifted = logits[:, :-1].float()
+        ce = F.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), labels[:, 1:].reshape(-1),
+                             ignore_index=IGNORE_INDEX, label_smoothing=LABEL_SMOOTHING)
+        return -ce
+
+
+def load_captioner(path: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Captioner:
+    """A :class:`Captioner` from a local BLIP folder (``config.json`` with ``model_type`` "blip", weights
+    as ``model.safetensors`` or weights-only ``pytorch_model.bin``, and the tokenizer files)."""
+    from transformers import AutoTokenizer, BlipForConditionalGeneration
+
+    what = f"comat.captioner {path!r}"
+    if not os.path.isdir(path):
+        raise ModelFileError(f"{what}: expected a folder holding a BLIP captioner (config.json, model.safetensors, "
+                             "tokenizer files), e.g. a local copy of blip-image-captioning-large")
+    config_file = os.path.join(path, "config.json")
+    if not os.path.isfile(config_file):
+        raise ModelFileError(f"{what}: config.json is missing; expected a BLIP captioner folder")
+    model_type = load_json_object(config_file, what).get("model_type")
+    if model_type != "blip":
+        raise ModelFileError(f"{what}: its config.json has model_type {model_type!r}, expected 'blip' "
+                             "(BlipForConditionalGeneration, e.g. blip-image-captioning-large)")
+    if not set(os.listdir(path)) & set(WEIGHT_FILES):
+        raise ModelFileError(f"{what}: no weights; expected one of {', '.join(WEIGHT_FILES)}")
+    try:
+        model, info = BlipForConditionalGeneration.from_pretrained(path, local_files_only=True, dtype=dtype,
+                                                                   output_loading_info=True)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as e:  # transformers raises OSError, SafetensorError, RuntimeError, ... by case
+        raise ModelFileError(f"{what}: the captioner could not be read (weights or tokenizer files missing or "
+                             f"damaged): {e}") from e
+    missing = [k for k in info["missing_keys"] if not k.endswith("position_ids")]
+    if missing or info["mismatched_keys"]:
+        raise ModelFileError(f"{what}: the weights do not match its config.json: missing {sorted(missing)[:5]}, "
+                             f"mismatched {sorted(info['mismatched_keys'])[:5]}")
+    return Captioner(model.to(device), tokenizer, path)
