@@ -254,6 +254,26 @@ def test_discriminator_step_and_generator_loss():
     assert all(p.grad is None for p in params)  # the generator's own LoRA is not the discriminator's
 
 
+def test_discriminator_state_round_trips_through_a_checkpoint_file(tmp_path):
+    from training.discriminator import DiscriminatorTrainer, LatentDiscriminator
+    from training.safe_io import load_tensors, save_tensors
+
+    unet, _ = _tiny_unet_with_lora()
+    context = torch.randn(1, 77, 768)
+    fake, real = torch.randn(2, 4, 4, 4), torch.randn(2, 4, 4, 4) + 1.0
+    first = DiscriminatorTrainer(LatentDiscriminator(unet, context, 19), lr=1e-2)
+    for _ in range(3):
+        first.step(fake, real)
+    path = save_tensors(first.state(), str(tmp_path / "objective_state.safetensors"))
+    resumed = DiscriminatorTrainer(LatentDiscriminator(unet, context, 19), lr=1e-2)
+    resumed.load_state(load_tensors(path))
+    torch.testing.assert_close(resumed.step(fake, real), first.step(fake, real))
+    for a, b in zip(resumed.params, first.params):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="parameter 0 is missing"):
+        resumed.load_state({})
+
+
 ARGS = ["--objective", "comat", "--data.resolution", "32", "--lora.rank", "4", "--lora.alpha", "4",
         "--sampling.steps", "3", "--sampling.grad_steps", "2", "--comat.attn_steps", "1", "--run.save_every", "0"]
 TRAIN_PROMPTS = ["A red circle on a blue table.", "A green square on a red table."]
@@ -309,6 +329,7 @@ def test_20_steps_lower_the_total_loss(comat_run, trained_blip_folder):
                                      "attn2_to_k", "attn2_to_v", "attn2_to_out_0")) for n in names)
     logged = metrics(comat_run)
     assert len(logged) == 20
+    assert os.path.isfile(os.path.join(comat_run, "checkpoints", "step-0000020", "objective_state.safetensors"))
     assert all(all(torch.isfinite(torch.tensor(m[k])) for k in ("concept", "token", "g_adv", "d_loss")) for m in logged)
     before, after = _total_loss(trained_blip_folder, None), _total_loss(trained_blip_folder, lora)
     assert after < before, (before, after)

@@ -15,7 +15,8 @@ Losses (BCE with logits ``l(logit, target)``, mean over positions and samples):
 switched off; 50 steps, CFG 7.5). ``D`` has its own AdamW (lr 2e-5, betas (0, 0.999), weight decay
 1e-2), gradient-norm clip 1, one step per generator step. Under several processes its gradients are
 averaged over them (all-reduce) so every copy of ``D`` stays the same. Its parameters need a gradient
-only inside :meth:`DiscriminatorTrainer.step`, so the trainer's optimizer never sees them.
+only inside :meth:`DiscriminatorTrainer.step`, so the trainer's optimizer never sees them; its
+parameters and AdamW state go into the trainer's checkpoints (:meth:`DiscriminatorTrainer.state`).
 """
 from __future__ import annotations
 
@@ -99,3 +100,25 @@ class DiscriminatorTrainer:
             for p in self.params:
                 p.requires_grad_(False)
         return loss.detach()
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """``D``'s trained parameters and AdamW state, as named tensors (for the trainer's checkpoints)."""
+        out = {f"discriminator.{i}": p.detach() for i, p in enumerate(self.params)}
+        for i, p in enumerate(self.params):
+            out.update({f"optimizer.{i}.{k}": torch.as_tensor(v).detach()
+                        for k, v in self.optimizer.state.get(p, {}).items()})
+        return out
+
+    def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Restore :meth:`state` (a resumed run continues with the same ``D``)."""
+        for i, p in enumerate(self.params):
+            saved = tensors.get(f"discriminator.{i}")
+            if saved is None or saved.shape != p.shape:
+                raise ValueError(f"discriminator state: parameter {i} is {'missing' if saved is None else tuple(saved.shape)}"
+                                 f", expected shape {tuple(p.shape)} (a checkpoint of another configuration)")
+            p.data.copy_(saved)
+            prefix = f"optimizer.{i}."
+            state = {k[len(prefix):]: v.cpu() if k.endswith(".step") else v.to(p.device)
+                     for k, v in tensors.items() if k.startswith(prefix)}
+            if state:
+                self.optimizer.state[p] = state

@@ -42,6 +42,7 @@ from .validation import save_grid
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
 LORA_FILE = "lora_weights.safetensors"
+OBJECTIVE_STATE_FILE = "objective_state.safetensors"
 METRICS_FILE = "metrics.jsonl"
 """One JSON line per logging step (the same scalars as TensorBoard), for scripts and tests."""
 MAX_NONFINITE_IN_A_ROW = 5
@@ -62,6 +63,10 @@ class Run:
     adopt: Callable[[list[torch.nn.Module]], None] = lambda modules: None
     validate: Callable[[], "np.ndarray"] | None = None
     """Validation images ``(N, H, W, 3)`` uint8 of the model as it is now (main process only)."""
+    state: Callable[[], dict[str, torch.Tensor]] | None = None
+    """Tensors of what the objective trains itself (CoMat's discriminator), saved with every checkpoint."""
+    load_state: Callable[[dict[str, torch.Tensor]], None] | None = None
+    """Restores :attr:`state` on resume."""
 
 
 def weight_dtype_for(accelerator: Accelerator) -> torch.dtype:
@@ -187,10 +192,14 @@ def train(cfg: TrainConfig, build_run) -> str:
         if accelerator.is_main_process:
             raw = [accelerator.unwrap_model(m) for m in trainable]
             save_tensors(_trainable_state(raw[0], raw[1:]), os.path.join(folder, "trainable.safetensors"))
+            if run.state is not None:
+                save_tensors(run.state(), os.path.join(folder, OBJECTIVE_STATE_FILE))
         weights.clear()
 
     def load_hook(models, folder):
         state = load_tensors(os.path.join(folder, "trainable.safetensors"), "checkpoint")
+        if run.load_state is not None:
+            run.load_state(load_tensors(os.path.join(folder, OBJECTIVE_STATE_FILE), "checkpoint", str(device)))
         raw = [accelerator.unwrap_model(m) for m in trainable]
         for prefix, module in [("unet.", raw[0])] + [(f"extra{i}.", m) for i, m in enumerate(raw[1:])]:
             own = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
