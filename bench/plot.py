@@ -15,7 +15,7 @@ ROW, LABEL, BAR, PAD = 28, 430, 420, 12
 
 
 def _target(text: str) -> float | None:
-    match = re.search(r"<=\s*([0-9.]+)x", text)
+    match = re.search(r"[<>]=\s*([0-9.]+)x?", text)
     return float(match.group(1)) if match else None
 
 
@@ -30,7 +30,9 @@ def draw(results: list[dict], title: str) -> Image.Image:
         draw.text((PAD, y + 6), r["name"][:70], fill="black")
         width = int(BAR * r["ratio"] / scale)
         target = _target(r["target"])
-        ok = r["passed"] if r["passed"] is not None else (target is None or r["ratio"] <= target)
+        higher_is_better = r["target"].lstrip().startswith(">=")
+        ok = r["passed"] if r["passed"] is not None else (
+            target is None or (r["ratio"] >= target if higher_is_better else r["ratio"] <= target))
         draw.rectangle((LABEL, y + 4, LABEL + width, y + ROW - 6), fill="#3a7d44" if ok else "#c0392b")
         draw.text((LABEL + width + 4, y + 6), f"{r['ratio']:.2f}x", fill="black")
         if target is not None:
@@ -46,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     with open(args[0], encoding="utf-8") as f:
         data = json.load(f)
-    image = draw(data["results"], f"ours / baseline (lower is better; black line = target) - {data['device']}, "
+    image = draw(data["results"], f"ours / baseline (lower is better, MFU higher; black line = target) - {data['device']}, "
                                   f"{data['date']}, quick={data['quick']}")
     with atomic_path(args[1]) as tmp:
         image.save(tmp, format="PNG")
