@@ -11,6 +11,11 @@ class CountingBackend(TransformersClipBackend):
     def __init__(self, *a, **k):
         super().__init__(*a, **k)
         self.calls = []
+        self.tokenized = []
+
+    def tokenize(self, text):
+        self.tokenized.append(text)
+        return super().tokenize(text)
 
     def encode(self, rows, length):
         self.calls.append((len(rows), length))
@@ -91,9 +96,24 @@ def test_native_split_keeps_whole_77_windows(backend):
 
 def test_a_300_token_sentence_is_split_at_word_boundaries(backend):
     text = " ".join(f"tok{i % 10}" for i in range(150)) + "."  # one sentence, ~300 tokens
-    pairs = segment_rows(text, backend)
+    pairs = list(segment_rows(text, backend))
     assert len(pairs) > 1 and all(len(rows) == 1 for _, rows in pairs)
     assert " ".join(seg for seg, _ in pairs).split() == text.split()
+
+
+def test_sentences_past_L_are_neither_tokenised_nor_encoded(backend):
+    """A 1000-token prompt at L = 77 costs the sentences that fill L, not the whole prompt (host time
+    dominates the node on a GPU: bench/RESULTS.md)."""
+    text = sentences(80)  # about 12 tokens each
+    full = encode_long_prompts([text], backend, SegmentOptions(token_length=0, pad="none"))
+    backend.tokenized.clear()
+    cut = encode_long_prompts([text], backend, SegmentOptions(token_length=77))
+    assert len(full.segments[0]) == 80
+    n = len(cut.segments[0])
+    assert cut.segments[0] == full.segments[0][:n] and n < 10  # ~10 rows a segment: L = 77 is full after 8
+    # the n segments, the one looked at to see that L is full, and the empty prompt (pad embedding)
+    assert sorted(backend.tokenized) == sorted(full.segments[0][: n + 1] + [""])
+    torch.testing.assert_close(cut.cond[0], full.cond[0, :77], rtol=1e-4, atol=1e-5)  # another batch shape
 
 
 def test_batch_of_different_lengths_is_padded_to_L(backend):

@@ -21,7 +21,7 @@ only, so the node and the trainer give the same tensors for the same weights.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, NamedTuple, Protocol, Sequence
+from typing import Iterator, Literal, NamedTuple, Protocol, Sequence
 
 import torch
 
@@ -91,35 +91,35 @@ class LongPromptEncoding:
     """(1, P): the pooled output of the first prompt's first segment (ComfyUI's convention, used by
     SDXL), or None."""
     segments: list[list[str]] = field(default_factory=list)
-    """The segment texts of each prompt, as encoded."""
+    """The segment texts of each prompt that were encoded (those starting past L are not)."""
     kept_tokens: list[int] = field(default_factory=list)
     """Rows each prompt produced before truncation or padding to L."""
 
 
 def segment_rows(
     text: str, backend: TextEncoderBackend, split: SplitRule = "sentences"
-) -> list[tuple[str, list[SegmentRow]]]:
-    """The segments a prompt is encoded as, each with its tokenised rows.
+) -> Iterator[tuple[str, list[SegmentRow]]]:
+    """The segments a prompt is encoded as, each with its tokenised rows, in order; lazily, so that a
+    caller that stops (the encoder, at L rows) tokenises no further segment.
 
     ``sentences``: :func:`.segments.split_sentences` (which normalises the text as the reference's
     ftfy tokenizer did), a sentence longer than one window packed at word boundaries; ``native``:
     the raw prompt as ComfyUI's stock windows, untouched, so that it equals the stock node.
     """
     if split == "native":
-        return [(text, backend.tokenize(text))]
+        yield text, backend.tokenize(text)
+        return
     limit = backend.window - 2
 
     def count(t: str) -> int:
         return sum(row.end - 1 for row in backend.tokenize(t))
 
-    out: list[tuple[str, list[SegmentRow]]] = []
     for sentence in split_sentences(text):
         rows = backend.tokenize(sentence)
         if len(rows) == 1:
-            out.append((sentence, rows))
+            yield sentence, rows
         else:
-            out.extend((piece, backend.tokenize(piece)) for piece in pack_words(sentence, count, limit))
-    return out
+            yield from ((piece, backend.tokenize(piece)) for piece in pack_words(sentence, count, limit))
 
 
 def pad_embedding(backend: TextEncoderBackend) -> torch.Tensor:
@@ -152,19 +152,23 @@ def encode_long_prompts(
     if len(texts) == 0:
         raise ValueError("texts is empty: give at least one prompt (use '' for the empty prompt)")
     L = options.token_length
-    per_text = [segment_rows(t, backend, options.split) for t in texts]
-
     rows: list[SegmentRow] = []
     owners: list[tuple[int, bool]] = []  # (prompt index, is that prompt's first row)
-    for b, pairs in enumerate(per_text):
+    segments: list[list[str]] = []
+    for b, text in enumerate(texts):
         kept = 0
-        for row in (row for _, seg_rows in pairs for row in seg_rows):
-            if L and kept >= L:  # rows past L would be cut anyway: do not encode them
+        segments.append([])
+        for segment, seg_rows in segment_rows(text, backend, options.split):
+            if L and kept >= L:  # segments past L would be cut anyway: neither tokenised nor encoded
                 break
-            first = kept == 0
-            rows.append(row)
-            owners.append((b, first))
-            kept += backend.window if options.split == "native" else row.end - (0 if first or options.keep_bos else 1)
+            segments[b].append(segment)
+            for row in seg_rows:
+                if L and kept >= L:
+                    break
+                first = kept == 0
+                rows.append(row)
+                owners.append((b, first))
+                kept += backend.window if options.split == "native" else row.end - (0 if first or options.keep_bos else 1)
 
     want_pad = options.pad == "mean" and L > 0
     length = max(row.end for row in rows) + 1
@@ -199,5 +203,4 @@ def encode_long_prompts(
             f"prompts encode to different lengths {[c.shape[0] for c in conds]}: a batch needs "
             "token_length > 0 with pad 'mean'"
         )
-    segments = [[seg for seg, _ in pairs] for pairs in per_text]
     return LongPromptEncoding(torch.stack(conds), pooled, segments, kept_tokens)
