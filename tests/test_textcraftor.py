@@ -102,6 +102,47 @@ def test_20_steps_raise_the_reward_on_a_fixed_batch(textcraftor_run):
     assert len(logged) == 20 and all(m["lr"] == 3e-3 and m["grad_norm"] == 0.0 for m in logged)  # no clipping
 
 
+def test_lora_run_writes_no_unet_lora(textcraftor_run):
+    """The UNet is frozen: only the text encoder's file is written (no all-zero UNet LoRA beside it)."""
+    assert os.listdir(os.path.join(textcraftor_run, "adapter")) == ["text_encoder_lora.safetensors"]
+    assert not os.path.exists(os.path.join(textcraftor_run, "lora_weights.safetensors"))
+
+
+def test_full_fine_tune_writes_diffs_that_comfyui_applies_to_clip(comfy, tmp_path):
+    """``--textcraftor.train full``: the whole encoder trains; the ``.diff`` file patches ComfyUI's CLIP
+    (stock key map and patching, every key consumed) into exactly the fine-tuned encoder."""
+    import comfy.lora
+    from comfy_inprocess import comfy_clip_from_transformers
+    from training.config import ModelConfig
+    from training.models import load_components
+    from training.safe_io import load_tensors
+
+    prompts = make_prompt_file(str(tmp_path / "p.txt"))
+    out = str(tmp_path / "run")
+    run_stage("reward", *ARGS, "--textcraftor.train", "full", "--data.path", prompts, "--data.batch_size", "2",
+              "--run.max_steps", "3", "--optim.lr", "1e-3", "--run.output_dir", out)
+    assert not os.path.exists(os.path.join(out, "lora_weights.safetensors"))
+    diff = load_tensors(os.path.join(out, "adapter", "text_encoder_diff.safetensors"))
+    assert any(t.abs().max() > 0 for t in diff.values())  # the encoder moved
+
+    original = load_components(ModelConfig(tiny=True)).text_encoder
+    tuned = load_components(ModelConfig(tiny=True)).text_encoder
+    with torch.no_grad():
+        for name, p in tuned.named_parameters():
+            stem, kind = name.removeprefix("text_model.").rsplit(".", 1)
+            p += diff[f"text_encoders.clip_l.transformer.text_model.{stem}.{'diff' if kind == 'weight' else 'diff_b'}"].float()
+    clip = comfy_clip_from_transformers(original)
+    patches = comfy.lora.load_lora(diff, comfy.lora.model_lora_keys_clip(clip.cond_stage_model))
+    assert len(patches) == len(diff)  # every tensor of the file found its layer
+    clip.add_patches(patches, 1.0)
+    expected = comfy_clip_from_transformers(tuned)
+    tokens = clip.tokenize("A red circle on a blue table.")
+    got, want = clip.encode_from_tokens(tokens), expected.encode_from_tokens(tokens)
+    base = comfy_clip_from_transformers(original).encode_from_tokens(tokens)
+    assert (got - base).abs().max() > 1e-4
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
 def test_textcraftor_defaults_are_the_papers():
     from training.config import build_parser, resolve
 

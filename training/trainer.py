@@ -114,7 +114,8 @@ def _trainable_state(unet: torch.nn.Module, extras: list[torch.nn.Module]) -> di
 
 def train(cfg: TrainConfig, build_run) -> str:
     """Run ``cfg``; ``build_run(cfg, components, accelerator, weight_dtype, conditioner)`` -> :class:`Run`.
-    Returns the path of the saved LoRA."""
+    Returns the path of what it wrote first: the UNet LoRA, or (TextCraftor, whose UNet is frozen) the
+    trained text encoder's folder; ``run.output_dir`` on processes other than the main one."""
     out = cfg.run.output_dir
     cpu = cfg.run.device == "cpu" or not torch.cuda.is_available()
     mixed = cfg.run.mixed_precision
@@ -333,15 +334,17 @@ def train(cfg: TrainConfig, build_run) -> str:
         epoch += 1
     progress.close()
     save_checkpoint()
-    lora_path = os.path.join(out, LORA_FILE)
+    written: list[str] = []
     if accelerator.is_main_process:
-        raw_unet = accelerator.unwrap_model(unet)
-        save_tensors(kohya_state_dict(raw_unet, cfg.lora.alpha), lora_path, metadata={
-            "longalign.stage": cfg.stage, "longalign.base_model_hash": base_model_hash(cfg),
-            "longalign.rank": str(cfg.lora.rank), "longalign.alpha": str(cfg.lora.alpha),
-            "longalign.steps": str(step), "longalign.config": config_mod.describe(cfg),
-            "longalign.skipped_images": str(skipped_images),
-        })
+        if any(p.requires_grad for p in lora_params):  # TextCraftor freezes the UNet LoRA: nothing to write
+            lora_path = os.path.join(out, LORA_FILE)
+            save_tensors(kohya_state_dict(accelerator.unwrap_model(unet), cfg.lora.alpha), lora_path, metadata={
+                "longalign.stage": cfg.stage, "longalign.base_model_hash": base_model_hash(cfg),
+                "longalign.rank": str(cfg.lora.rank), "longalign.alpha": str(cfg.lora.alpha),
+                "longalign.steps": str(step), "longalign.config": config_mod.describe(cfg),
+                "longalign.skipped_images": str(skipped_images),
+            })
+            written.append(lora_path)
         for i, module in enumerate(extras):
             folder = os.path.join(out, "adapter" if i == 0 else f"extra{i}")
             raw = accelerator.unwrap_model(module)
@@ -350,7 +353,8 @@ def train(cfg: TrainConfig, build_run) -> str:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raw.save_pretrained(tmp)
                 commit_folder(tmp, folder)
-        print(f"[train] {step} steps; LoRA written to {lora_path}; skipped images: {skipped_images}; "
+                written.append(folder)
+        print(f"[train] {step} steps; written: {', '.join(written)}; skipped images: {skipped_images}; "
               f"non-finite losses skipped: {nonfinite_total}", flush=True)
     accelerator.end_training()
-    return lora_path
+    return written[0] if written else out
