@@ -90,6 +90,26 @@ def test_lcm_solver_runs_inside_the_one_loop_without_guidance():
     assert context.grad is not None and context.grad.abs().sum() > 0
 
 
+def test_reward_lcm_merges_the_alignment_lora_then_the_student(lcm_run, tmp_path):
+    """reward_lcm trains on base + alignment LoRA + LCM student: ``model.init_lora`` takes both, in order."""
+    from training.config import build_parser, resolve
+    from trainer_helpers import make_prompt_file, metrics
+
+    _, out = lcm_run
+    student = os.path.join(out, "lora_weights.safetensors")
+    align = str(tmp_path / "align.safetensors")
+    shutil.copy(student, align)  # any kohya LoRA of the same UNet stands in for the alignment LoRA
+    cfg = resolve("reward", build_parser("reward", "").parse_args(["--model.init_lora", f"{align},{student}"]))
+    assert cfg.model.init_lora == [align, student]
+    run = str(tmp_path / "reward_lcm")
+    run_stage("reward", "--sampler", "lcm", "--model.init_lora", f"{align},{student}", "--data.path",
+              make_prompt_file(str(tmp_path / "p.txt")), "--data.resolution", "32", "--data.batch_size", "2",
+              "--run.max_steps", "2", "--run.save_every", "0", "--run.output_dir", run)
+    logged = metrics(run)
+    assert len(logged) == 2 and all(torch.isfinite(torch.tensor(m["loss"])) for m in logged)
+    assert os.path.isfile(os.path.join(run, "lora_weights.safetensors"))
+
+
 @pytest.mark.server
 def test_student_runs_in_the_stock_lcm_sampler_with_the_lora(lcm_run, comfy_server):
     from workflows import load_example, shrink

@@ -30,7 +30,8 @@ class ModelConfig:
     t5: str | None = opt(None, "T5 encoder folder (transformers) for the ct5f branch; omit for CLIP only")
     t5_tokenizer: str | None = opt(None, "folder with the T5 tokenizer (tokenizer.json or spiece.model); default: the t5 folder")
     adapter: str | None = opt(None, "TextAdapter folder (LongSD's s28750_adapter/); a new one (d_t5 -> 896 -> 768) if t5 is set and this is not")
-    init_lora: str | None = opt(None, "LoRA merged into the UNet before training (reward: the alignment LoRA)")
+    init_lora: list = opt([], "LoRAs merged into the UNet before training, in order (reward: the alignment LoRA; "
+                              "reward_lcm: the alignment LoRA, then the LCM student); comma-separated on the command line")
     reward_model: str | None = opt(None, "preference model file/folder for the reward stage")
     reward_kind: Literal["denscore", "pickscore", "hpsv2", "clip"] = opt("denscore", "kind of reward_model")
     reward_arch: str = opt("ViT-H-14", "open_clip architecture name for hpsv2/clip reward models")
@@ -80,8 +81,8 @@ class SamplingConfig:
         "fine-tuning on rewards, SPEC §5) or comat (concept matching, attribute concentration, fidelity, SPEC §6); "
         "sets that objective's defaults")
     sampler: Literal["ddim", "lcm"] = opt(
-        "ddim", "solver of the differentiable loop: ddim, or lcm (reward_lcm: 4 LCM steps, no CFG; use an LCM "
-        "student as model.init_lora); sets that sampler's defaults")
+        "ddim", "solver of the differentiable loop: ddim, or lcm (reward_lcm: 4 LCM steps, no CFG; give the LCM "
+        "student as the last model.init_lora); sets that sampler's defaults")
 
 
 @dataclass

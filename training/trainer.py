@@ -150,9 +150,9 @@ def train(cfg: TrainConfig, build_run) -> str:
     device = accelerator.device
     for module in (components.unet, components.vae, components.text_encoder):
         module.requires_grad_(False).to(device, dtype)
-    if cfg.model.init_lora:
-        named = (load_reference_lora(cfg.model.init_lora, components.unet.config)
-                 if cfg.model.init_lora.endswith((".pt", ".pth")) else load_tensors(cfg.model.init_lora, "model.init_lora"))
+    for path in cfg.model.init_lora:  # merged in order: e.g. the alignment LoRA, then an LCM student
+        named = (load_reference_lora(path, components.unet.config)
+                 if path.endswith((".pt", ".pth")) else load_tensors(path, "model.init_lora"))
         merge_kohya_lora(components.unet, named)
     lora_params = add_lora(components.unet, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.targets)
     for p in lora_params:
