@@ -129,14 +129,15 @@ def _optimizer_step(objective, data: dict, params: list, fast: bool, device: tor
     return step
 
 
-def _reward_step(mode: str, full: bool, device: torch.device):
-    """A closure running one optimizer step of the reward stage in ``mode``, and the batch size."""
+def _reward_step(mode: str, full: bool, device: torch.device, checkpoint_calls: bool = False):
+    """A closure running one optimizer step of the reward stage in ``mode``, and the batch size
+    (``checkpoint_calls``: the fast mode's ``sampling.checkpoint_calls`` setting)."""
     from training.denoisers import CheckpointedUNet, MergedShadowUNet
     from training.objectives.reward import RewardObjective
 
     c, params, conditioner, dtype = _trainable(full, device)
     fast = mode == "fast"
-    denoiser = (MergedShadowUNet(c.unet, compile=_compile(device)) if fast
+    denoiser = (MergedShadowUNet(c.unet, compile=_compile(device), checkpoint_calls=checkpoint_calls) if fast
                 else CheckpointedUNet(c.unet, "unet"))
     resolution, batch = (512, 8) if full else (64, 2)
     steps, K = (50, 5) if full else (6, 2)
@@ -203,6 +204,10 @@ def run(quick: bool) -> list[Result]:
     if cuda:
         results.append(Result("reward step peak GPU memory", fast_mem, ref_mem, "G", "<= 0.5x",
                               fast_mem / ref_mem <= 0.5))
+        low_time, low_mem = _measure("fast", True, device, repeats,
+                                     lambda m, f, d: _reward_step(m, f, d, checkpoint_calls=True))
+        results.append(Result("reward step peak memory, sampling.checkpoint_calls", low_mem, ref_mem, "G", "<= 0.5x",
+                              low_mem / ref_mem <= 0.5, note=f"speed-up {ref_time / low_time:.2f}x"))
     else:
         results.append(Result("reward step peak GPU memory", float("nan"), float("nan"), "G", "<= 0.5x", None,
                               note="not measured: no GPU in this run"))

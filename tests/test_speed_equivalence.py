@@ -11,7 +11,7 @@ CAPTIONS = ["A red cat sleeps on a sofa. The room is warm.", "A blue car on a ro
             "A lighthouse on a cliff. Waves crash below it."]
 
 
-def _loss_and_grads(fast: bool, decode_chunk: int):
+def _loss_and_grads(fast: bool, decode_chunk: int, checkpoint_calls: bool = False):
     torch.manual_seed(0)
     c, params, conditioner, scorer = _tiny_reward_setup()
     g = torch.Generator().manual_seed(7)
@@ -19,7 +19,7 @@ def _loss_and_grads(fast: bool, decode_chunk: int):
         for name, p in c.unet.named_parameters():
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.01)
-    denoiser = MergedShadowUNet(c.unet) if fast else CheckpointedUNet(c.unet, "unet")
+    denoiser = MergedShadowUNet(c.unet, checkpoint_calls=checkpoint_calls) if fast else CheckpointedUNet(c.unet, "unet")
     objective = RewardObjective(denoiser, c.vae, c.scheduler, conditioner, scorer, (4, 8, 8), steps=6,
                                 guidance=7.5, grad_steps=2, w=0.3, gather=None, weight_dtype=torch.float32,
                                 decode_chunk=decode_chunk, reference_encodes_images=not fast)
@@ -29,10 +29,10 @@ def _loss_and_grads(fast: bool, decode_chunk: int):
     return loss.detach(), logs, {n: p.grad.clone() for n, p in zip(names, params)}
 
 
-@pytest.mark.parametrize("decode_chunk", [1, 3])
-def test_fast_mode_equals_reference_mode(decode_chunk):
+@pytest.mark.parametrize("decode_chunk, checkpoint_calls", [(1, False), (3, False), (2, True)])
+def test_fast_mode_equals_reference_mode(decode_chunk, checkpoint_calls):
     ref_loss, ref_logs, ref_grads = _loss_and_grads(fast=False, decode_chunk=0)
-    loss, logs, grads = _loss_and_grads(fast=True, decode_chunk=decode_chunk)
+    loss, logs, grads = _loss_and_grads(fast=True, decode_chunk=decode_chunk, checkpoint_calls=checkpoint_calls)
     torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=1e-5)
     for k in ref_logs:
         torch.testing.assert_close(logs[k], ref_logs[k], atol=1e-6, rtol=1e-5)

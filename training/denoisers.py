@@ -9,7 +9,10 @@
   checkpointing (SPEC §8: faster and 3.6x lighter than one whole-UNet checkpoint). LoRA dropout,
   when set, acts in the gradient calls only. With ``compile``, both paths are ``torch.compile``d
   with static shapes (SPEC §8, one batch-16 call on an H100: no-grad 54 -> 38 ms, gradient call
-  270 -> 209 ms).
+  270 -> 209 ms). With ``checkpoint_calls``, each gradient call is also wrapped in one checkpoint
+  (nested around the per-block ones): between sampling and the backward pass only the K calls'
+  inputs are held instead of their block inputs (13.8 GiB for K = 5 at batch 16 on SD1.5,
+  bench/RESULTS.md), for one more UNet forward per gradient call.
 """
 from __future__ import annotations
 
@@ -59,10 +62,11 @@ def _set_submodule(root: torch.nn.Module, name: str, value: torch.nn.Module) -> 
 
 class MergedShadowUNet:
     """The fast mode (see the module docstring). ``compile``: ``torch.compile`` the shadow's forward
-    and the LoRA UNet's gradient forward (static shapes; worth it on CUDA)."""
+    and the LoRA UNet's gradient forward (static shapes; worth it on CUDA). ``checkpoint_calls``: one
+    more checkpoint around each gradient call (memory)."""
 
-    def __init__(self, unet: torch.nn.Module, compile: bool = False):
-        self.unet = unet
+    def __init__(self, unet: torch.nn.Module, compile: bool = False, checkpoint_calls: bool = False):
+        self.unet, self.checkpoint_calls = unet, checkpoint_calls
         raw = _raw(unet)
         raw.enable_gradient_checkpointing()
         self.layers = [layer.name for layer in injected_lora_layers(raw)]
@@ -89,5 +93,10 @@ class MergedShadowUNet:
     def no_grad(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         return self._forward(x, t, context).sample
 
-    def with_grad(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def _grad_eps(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         return self._grad_forward(x, t, context).sample
+
+    def with_grad(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        if self.checkpoint_calls:
+            return checkpoint(self._grad_eps, x, t, context, use_reentrant=False)
+        return self._grad_eps(x, t, context)

@@ -66,7 +66,8 @@ def _compiled(cfg: TrainConfig, accelerator) -> bool:
 
 def _denoiser(cfg: TrainConfig, components, accelerator):
     if cfg.run.mode == "fast":
-        return MergedShadowUNet(components.unet, compile=_compiled(cfg, accelerator))
+        return MergedShadowUNet(components.unet, compile=_compiled(cfg, accelerator),
+                                checkpoint_calls=cfg.sampling.checkpoint_calls)
     return CheckpointedUNet(components.unet, "unet")
 
 
