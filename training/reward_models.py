@@ -22,7 +22,8 @@ import torch
 from transformers import CLIPTokenizer
 
 from .clip_text import CLIP_WINDOW, clip_tokenizer
-from .safe_io import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, ModelFileError, load_json_object, load_tensors
+from .safe_io import (PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, ModelFileError, load_json_object, load_pretrained_folder,
+                      load_tensors)
 
 RewardKind = Literal["denscore", "pickscore", "hpsv2", "clip"]
 TRANSFORMERS_KINDS = ("denscore", "pickscore")
@@ -167,15 +168,7 @@ def _load_transformers(path: str, kind: RewardKind, dtype: torch.dtype) -> Prefe
     model_type = load_json_object(os.path.join(path, "config.json")).get("model_type")
     if model_type != "clip":
         raise _wrong_kind(path, kind, f"its config.json has model_type {model_type!r} (expected 'clip')")
-    try:
-        model, info = CLIPModel.from_pretrained(path, local_files_only=True, dtype=dtype, output_loading_info=True)
-    except Exception as e:  # transformers raises OSError, SafetensorError, RuntimeError, ... by case
-        raise ModelFileError(f"reward model {path!r}: the CLIPModel weights could not be read "
-                             f"(corrupt or truncated file?): {e}") from e
-    missing = [k for k in info["missing_keys"] if not k.endswith("position_ids")]
-    if missing or info["mismatched_keys"]:
-        raise ModelFileError(f"reward model {path!r}: the weights do not match its config.json: "
-                             f"missing {sorted(missing)[:5]}, mismatched {sorted(info['mismatched_keys'])[:5]}")
+    model = load_pretrained_folder(CLIPModel, path, f"reward model {path!r}", dtype)
     tokenizer = _folder_tokenizer(path)
     return TransformersPreferenceModel(kind, path, model, model.logit_scale.exp().item(),
                                        model.config.vision_config.image_size, tokenizer=tokenizer)

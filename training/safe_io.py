@@ -84,6 +84,22 @@ def load_pickle(path: str, what: str = "model file", device: str = "cpu") -> Any
         ) from e
 
 
+def load_pretrained_folder(model_class: Any, path: str, what: str, dtype: torch.dtype) -> torch.nn.Module:
+    """``model_class.from_pretrained`` of a local folder (never the hub; transformers reads safetensors,
+    or ``.bin`` weights only): a :class:`ModelFileError` naming ``what`` when the weights cannot be
+    read or do not match the folder's config.json."""
+    try:
+        model, info = model_class.from_pretrained(path, local_files_only=True, dtype=dtype, output_loading_info=True)
+    except Exception as e:  # transformers raises OSError, SafetensorError, RuntimeError, ... by case
+        raise ModelFileError(f"{what}: the {model_class.__name__} weights could not be read "
+                             f"(corrupt or truncated file?): {e}") from e
+    missing = [k for k in info["missing_keys"] if not k.endswith("position_ids")]
+    if missing or info["mismatched_keys"]:
+        raise ModelFileError(f"{what}: the weights do not match its config.json: missing {sorted(missing)[:5]}, "
+                             f"mismatched {sorted(info['mismatched_keys'])[:5]}")
+    return model
+
+
 @contextlib.contextmanager
 def atomic_path(path: str) -> Iterator[str]:
     """Yield a temporary path beside ``path``; on success fsync it and rename it over ``path``."""
