@@ -213,6 +213,47 @@ def test_attention_maps_are_captured_for_the_right_tokens():
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in unet.named_parameters() if "to_q.lora" in n)
 
 
+def _concept_loss_and_grads(captioner, decode_chunk: int):
+    """The concept term alone through the tiny preset's fast-mode loop: its loss and LoRA gradients."""
+    from training.clip_text import TransformersClipBackend
+    from training.conditioning import TextConditioner
+    from training.config import ModelConfig
+    from training.denoisers import MergedShadowUNet
+    from training.lora import add_lora
+    from training.models import load_components
+    from training.objectives.comat import CoMatObjective
+
+    torch.manual_seed(0)
+    c = load_components(ModelConfig(tiny=True))
+    for m in (c.unet, c.vae, c.text_encoder):
+        m.requires_grad_(False)
+    params = add_lora(c.unet, 4, 4.0)
+    with torch.no_grad():
+        for name, p in c.unet.named_parameters():  # non-zero up weights: every LoRA tensor gets a gradient
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.01)
+    objective = CoMatObjective(MergedShadowUNet(c.unet), c.vae, c.scheduler,
+                               TextConditioner(TransformersClipBackend(c.tokenizer, c.text_encoder), 77), (4, 4, 4),
+                               3, 7.5, 2, torch.float32, captioner=captioner, w_concept=1.0, store=None, w_token=0.0,
+                               w_pixel=0.0, attn_steps=1, threshold=0.5, max_group_words=3, discriminator=None,
+                               real=None, w_adv=0.0, decode_chunk=decode_chunk)
+    loss, logs = objective.loss({"caption": [PROMPT, OTHER, PROMPT + " Soft light."]}, torch.Generator().manual_seed(3))
+    loss.backward()
+    return loss.detach(), torch.cat([p.grad.flatten() for p in params])
+
+
+def test_chunked_decode_gives_the_whole_batch_concept_loss(blip_folder):
+    """Fast mode decodes and captions ``decode_chunk`` images at a time in backward: same loss and LoRA
+    gradients as decoding the whole batch with a graph (different prompt lengths: different padding)."""
+    from training.captioner import load_captioner
+
+    captioner = load_captioner(blip_folder)
+    whole_loss, whole = _concept_loss_and_grads(captioner, 0)
+    chunk_loss, chunked = _concept_loss_and_grads(captioner, 2)
+    torch.testing.assert_close(chunk_loss, whole_loss, rtol=1e-5, atol=1e-6)
+    assert whole.norm() > 0 and float((chunked - whole).norm() / whole.norm()) < 1e-4
+
+
 def test_token_loss_is_the_papers_formula():
     from training.attention_maps import AttentionStore, Group, concentration_losses
 

@@ -65,18 +65,28 @@ class Captioner:
         labels[:, : self.prefix_length] = IGNORE_INDEX
         return ids, mask, labels
 
-    def reward(self, images: torch.Tensor, prompts: Sequence[str], generator: torch.Generator | None = None
-               ) -> torch.Tensor:
-        """``r``: minus the mean smoothed token cross-entropy of ``prompts`` given ``images`` (scalar)."""
+    def token_count(self, prompts: Sequence[str]) -> int:
+        """``|S|``: the counted (prompt) tokens of the batch."""
+        return int((self.text(prompts)[2][:, 1:] != IGNORE_INDEX).sum())
+
+    def token_losses(self, images: torch.Tensor, prompts: Sequence[str], generator: torch.Generator | None = None
+                     ) -> torch.Tensor:
+        """``(B,)``: each image's sum of the smoothed cross-entropies of its prompt's tokens. BLIP's text
+        decoder is causal, so a token's loss does not depend on how far the batch is padded: these sums
+        over chunks of a batch add up to the whole batch's."""
         if len(prompts) != images.shape[0]:
             raise ValueError(f"captioner: {images.shape[0]} images but {len(prompts)} prompts")
         pixels = self.pixels(images.to(self.device), generator).to(self.model.dtype)
         ids, mask, labels = self.text(prompts)
-        logits = self.model(pixel_values=pixels, input_ids=ids, attention_mask=mask).logits
-        shifted = logits[:, :-1].float()
-        ce = F.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), labels[:, 1:].reshape(-1),
-                             ignore_index=IGNORE_INDEX, label_smoothing=LABEL_SMOOTHING)
-        return -ce
+        logits = self.model(pixel_values=pixels, input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+        ce = F.cross_entropy(logits.transpose(1, 2), labels[:, 1:], ignore_index=IGNORE_INDEX,
+                             label_smoothing=LABEL_SMOOTHING, reduction="none")  # 0 where ignored
+        return ce.sum(dim=1)
+
+    def reward(self, images: torch.Tensor, prompts: Sequence[str], generator: torch.Generator | None = None
+               ) -> torch.Tensor:
+        """``r``: minus the mean smoothed token cross-entropy of ``prompts`` given ``images`` (scalar)."""
+        return -self.token_losses(images, prompts, generator).sum() / self.token_count(prompts)
 
 
 def load_captioner(path: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Captioner:

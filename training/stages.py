@@ -163,7 +163,8 @@ def build_comat(cfg: TrainConfig, components, accelerator, dtype, conditioner) -
                               sc.guidance, sc.grad_steps, dtype, captioner=captioner, w_concept=cc.w_concept,
                               store=store, w_token=cc.w_token, w_pixel=cc.w_pixel, attn_steps=cc.attn_steps,
                               threshold=cc.threshold, max_group_words=cc.max_group_words, discriminator=discriminator,
-                              real=real, w_adv=cc.w_adv, solver=solver),
+                              real=real, w_adv=cc.w_adv, solver=solver,
+                              decode_chunk=sc.decode_chunk if cfg.run.mode == "fast" else 0),
                state=discriminator.state if discriminator else None,
                load_state=discriminator.load_state if discriminator else None)
 

@@ -34,7 +34,7 @@ from ..denoisers import CheckpointedUNet
 from ..discriminator import DiscriminatorTrainer
 from ..lora import adapters_disabled
 from ..sampling import DDIM, Denoiser, gradient_step_indices, sample_x0
-from .reward import RewardObjective
+from .reward import ChunkedDecodeScore, RewardObjective, replayed_generator
 
 
 class RealLatents:
@@ -73,7 +73,7 @@ class CoMatObjective(RewardObjective):
                  weight_dtype: torch.dtype, *, captioner: Captioner | None, w_concept: float,
                  store: AttentionStore | None, w_token: float, w_pixel: float, attn_steps: int, threshold: float,
                  max_group_words: int, discriminator: DiscriminatorTrainer | None, real: RealLatents | None,
-                 w_adv: float, solver: DDIM | None = None):
+                 w_adv: float, solver: DDIM | None = None, decode_chunk: int = 0):
         if w_concept > 0 and captioner is None:
             raise ValueError("comat: w_concept > 0 needs a captioner")
         if (w_token > 0 or w_pixel > 0) and store is None:
@@ -88,7 +88,7 @@ class CoMatObjective(RewardObjective):
         if store is not None:
             denoiser = RecordingDenoiser(denoiser, store)
         super().__init__(denoiser, vae, scheduler, conditioner, None, latent_shape, steps, guidance, grad_steps, 1.0,
-                         None, weight_dtype, solver=solver)
+                         None, weight_dtype, decode_chunk=decode_chunk, solver=solver)
         self.captioner, self.store, self.d, self.real = captioner, store, discriminator, real
         self.w_concept, self.w_token, self.w_pixel, self.w_adv = w_concept, w_token, w_pixel, w_adv
         self.attn_steps, self.threshold, self.max_group_words = attn_steps, threshold, max_group_words
@@ -104,6 +104,19 @@ class CoMatObjective(RewardObjective):
             groups.append([Group(tuple(column[p] for p in g.all_positions), tuple(column[p] for p in g.noun_positions))
                            for g in found])
         return tokens, groups
+
+    def concept_reward(self, x0: torch.Tensor, captions: list[str], generator: torch.Generator) -> torch.Tensor:
+        """``r`` of the decoded ``x0``; with ``decode_chunk`` (fast mode) decoded and captioned without a
+        graph, then again ``decode_chunk`` images at a time in backward (the same numbers: ``r`` is a sum
+        of per-image token losses over the batch's token count; the batch's one crop is replayed)."""
+        crop = (str(generator.device), generator.get_state())
+
+        def losses(part: torch.Tensor, start: int) -> torch.Tensor:
+            return self.captioner.token_losses(self.decode(part), captions[start: start + part.shape[0]],
+                                               replayed_generator(crop))
+
+        sums = ChunkedDecodeScore.apply(x0, losses, self.decode_chunk) if self.decode_chunk else losses(x0, 0)
+        return -sums.sum() / self.captioner.token_count(captions)
 
     def loss(self, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         captions = list(batch["caption"])
@@ -126,7 +139,7 @@ class CoMatObjective(RewardObjective):
         loss = x0.new_zeros((), dtype=torch.float32)
         logs: dict[str, torch.Tensor] = {}
         if self.captioner is not None:
-            reward = self.captioner.reward(self.decode(x0), captions, generator)
+            reward = self.concept_reward(x0, captions, generator)
             loss = loss - self.w_concept * reward
             logs["concept"] = reward.detach()
         if self.store is not None:

@@ -37,7 +37,14 @@ def _chunks(x: torch.Tensor, size: int) -> list[tuple[int, torch.Tensor]]:
     return [(start, x[start: start + size]) for start in range(0, x.shape[0], size)]
 
 
-class _ChunkedDecodeScore(torch.autograd.Function):
+def replayed_generator(saved: tuple[str, torch.Tensor]) -> torch.Generator:
+    """A generator in the saved ``(device, state)``: every chunk of a batch draws the batch's one crop."""
+    generator = torch.Generator(device=saved[0])
+    generator.set_state(saved[1])
+    return generator
+
+
+class ChunkedDecodeScore(torch.autograd.Function):
     """``scores = cat_c fn(x0_c, start_c)`` computed without a graph; backward recomputes ``fn``
     chunk by chunk with gradient and returns ``d scores / d x0``."""
 
@@ -81,9 +88,7 @@ class RewardObjective:
     def _scores(self, x0: torch.Tensor, f_T: torch.Tensor, direction, crop: tuple[str, torch.Tensor]) -> torch.Tensor:
         """``(n, 4)``: the :data:`SCORE_COLUMNS` of each image of ``x0``; ``crop`` = (device, generator
         state) replays the batch's one random crop."""
-        generator = torch.Generator(device=crop[0])
-        generator.set_state(crop[1])
-        f_I = image_features(self.scorer, self.decode(x0), train=True, generator=generator)
+        f_I = image_features(self.scorer, self.decode(x0), train=True, generator=replayed_generator(crop))
         s = decompose(f_T, f_I, direction, self.w)
         return torch.stack([s.reweighted, s.total, s.text_relevant, s.text_irrelevant], dim=1)
 
@@ -108,7 +113,7 @@ class RewardObjective:
                        generator=generator)
         if self.decode_chunk:
             fn = lambda part, start: self._scores(part, f_T[start: start + part.shape[0]], direction, crop)  # noqa: E731
-            columns = _ChunkedDecodeScore.apply(x0, fn, self.decode_chunk)
+            columns = ChunkedDecodeScore.apply(x0, fn, self.decode_chunk)
         else:
             columns = self._scores(x0, f_T, direction, crop)
         loss = 0.5 * (1.0 - columns[:, 0].mean())
