@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -9,6 +10,8 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+
+import numpy as np
 
 
 def free_port() -> int:
@@ -75,6 +78,23 @@ class ComfyServer:
     def queue(self, workflow: dict) -> tuple[int, dict]:
         """POST a prompt in API format; returns (HTTP status, body)."""
         return self.request("/prompt", {"prompt": workflow, "client_id": uuid.uuid4().hex})
+
+    def model_folder(self, kind: str) -> str:
+        """``models/<kind>`` (loras, text_encoders, ...) of the server's base directory, created."""
+        path = os.path.join(self.base_dir, "models", kind)
+        os.makedirs(path, exist_ok=True)
+        return path
+
+    def image(self, workflow: dict, node: str = "7") -> np.ndarray:
+        """Run ``workflow``, which must succeed, and read the first image its SaveImage ``node`` wrote
+        as an (H, W, 3) int16 array."""
+        from PIL import Image
+
+        entry = self.run(workflow)
+        assert entry["status"]["status_str"] == "success", entry["status"]
+        info = entry["outputs"][node]["images"][0]
+        with Image.open(os.path.join(self.base_dir, "output", info.get("subfolder", ""), info["filename"])) as im:
+            return np.asarray(im.convert("RGB"), dtype=np.int16)
 
     def run(self, workflow: dict, timeout: float = 300.0) -> dict:
         """Queue ``workflow`` and wait for its history entry (whatever its status)."""

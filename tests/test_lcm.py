@@ -115,9 +115,8 @@ def test_student_runs_in_the_stock_lcm_sampler_with_the_lora(lcm_run, comfy_serv
     from workflows import load_example, shrink
 
     _, out = lcm_run
-    loras = os.path.join(comfy_server.base_dir, "models", "loras")
-    os.makedirs(loras, exist_ok=True)
-    shutil.copy(os.path.join(out, "lora_weights.safetensors"), os.path.join(loras, "lcm_student.safetensors"))
+    shutil.copy(os.path.join(out, "lora_weights.safetensors"),
+                os.path.join(comfy_server.model_folder("loras"), "lcm_student.safetensors"))
     wf = shrink(load_example("long_prompt_sd15_api.json"), "tiny_sd15.safetensors", steps=4, prefix="lcm")
     wf["10"] = {"class_type": "LoraLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1],
                                                       "lora_name": "lcm_student.safetensors",

@@ -7,7 +7,6 @@ import os
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from tiny_models import TINY_UNET_CONFIG, reference_lora_list, tiny_t5_encoder, tiny_text_adapter, tiny_unet
 from training.convert_lora import convert
@@ -20,10 +19,7 @@ PROMPT = "A lighthouse on a cliff at dusk. Waves crash on black rocks; a red boa
 @pytest.fixture(scope="module")
 def longsd_models(comfy_server):
     """Tiny LongSD files in the server's model folders: two .pt lists, their conversions, T5 + adapter."""
-    loras = os.path.join(comfy_server.base_dir, "models", "loras")
-    encoders = os.path.join(comfy_server.base_dir, "models", "text_encoders")
-    os.makedirs(loras, exist_ok=True)
-    os.makedirs(encoders, exist_ok=True)
+    loras, encoders = comfy_server.model_folder("loras"), comfy_server.model_folder("text_encoders")
     unet = tiny_unet(0)
     for seed, name in ((1, "tiny_align"), (2, "tiny_reward")):
         torch.save(reference_lora_list(unet, rank=4, seed=seed, up_std=0.2), os.path.join(loras, name + ".pt"))
@@ -49,14 +45,6 @@ def _graph(model_nodes: dict, model_ref: list, prefix: str) -> dict:
     return wf
 
 
-def _image(server, workflow) -> np.ndarray:
-    entry = server.run(workflow)
-    assert entry["status"]["status_str"] == "success", entry["status"]
-    image = entry["outputs"]["7"]["images"][0]
-    with Image.open(os.path.join(server.base_dir, "output", image.get("subfolder", ""), image["filename"])) as im:
-        return np.asarray(im.convert("RGB"), dtype=np.int16)
-
-
 def test_object_info_lists_the_longsd_nodes(longsd_models):
     info = longsd_models.get("/object_info/LongSDLoader")["LongSDLoader"]
     required = info["input"]["required"]
@@ -73,16 +61,16 @@ def test_stock_loraloader_on_converted_files_gives_the_same_image(longsd_models)
     """LongSD Loader on the .pt lists == two stock LoraLoaders on the converted safetensors (same
     seed), and both differ from the model without LoRA; no LoRA key is left unloaded."""
     server = longsd_models
-    ours = _image(server, _graph({"10": {"class_type": "LongSDLoader", "inputs": {
+    ours = server.image(_graph({"10": {"class_type": "LongSDLoader", "inputs": {
         "model": ["1", 0], "alignment_lora": "tiny_align.pt", "alignment_strength": 1.0,
         "reward_lora": "tiny_reward.pt", "reward_strength": 1.0}}}, ["10", 0], "longsd"))
-    stock = _image(server, _graph({
+    stock = server.image(_graph({
         "10": {"class_type": "LoraLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1], "lora_name": "tiny_align.safetensors",
                                                       "strength_model": 1.0, "strength_clip": 1.0}},
         "11": {"class_type": "LoraLoader", "inputs": {"model": ["10", 0], "clip": ["10", 1], "lora_name": "tiny_reward.safetensors",
                                                       "strength_model": 1.0, "strength_clip": 1.0}},
     }, ["11", 0], "stock"))
-    plain = _image(server, _graph({}, ["1", 0], "plain"))
+    plain = server.image(_graph({}, ["1", 0], "plain"))
     assert np.array_equal(ours, stock)
     assert np.abs(ours - plain).max() > 0
     assert "lora key not loaded" not in server.log() and "NOT LOADED" not in server.log()

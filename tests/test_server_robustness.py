@@ -23,8 +23,7 @@ TEXTS = ["A cat. A hat.", "", "((a:1.2) b:", "(:) \\( 😀 “naïve” — caf�
 @pytest.fixture(scope="module")
 def bad_loras(comfy_server, tmp_path_factory):
     """Broken LoRA files in the server's models/loras: (file name, the message we expect)."""
-    loras = os.path.join(comfy_server.base_dir, "models", "loras")
-    os.makedirs(loras, exist_ok=True)
+    loras = comfy_server.model_folder("loras")
     sentinel = str(tmp_path_factory.mktemp("sentinel") / "PWNED")
     with open(os.path.join(loras, "robust_corrupt.safetensors"), "wb") as f:
         f.write(os.urandom(4096))

@@ -156,16 +156,13 @@ def test_textcraftor_defaults_are_the_papers():
 
 @pytest.mark.server
 def test_text_encoder_lora_loads_onto_clip_with_the_stock_loraloader(textcraftor_run, comfy_server):
-    from PIL import Image
     from safetensors.torch import load_file
 
     from workflows import load_example, shrink
 
     lora = os.path.join(textcraftor_run, "adapter", "text_encoder_lora.safetensors")
     assert load_file(lora) and all(k.startswith("lora_te_text_model_encoder_layers_") for k in load_file(lora))
-    loras = os.path.join(comfy_server.base_dir, "models", "loras")
-    os.makedirs(loras, exist_ok=True)
-    shutil.copy(lora, os.path.join(loras, "textcraftor_te.safetensors"))
+    shutil.copy(lora, os.path.join(comfy_server.model_folder("loras"), "textcraftor_te.safetensors"))
     base = shrink(load_example("long_prompt_sd15_api.json"), "tiny_sd15.safetensors", prefix="tc_base")
     tuned = shrink(base, "tiny_sd15.safetensors", prefix="tc_lora")
     tuned["10"] = {"class_type": "LoraLoader", "inputs": {
@@ -173,14 +170,8 @@ def test_text_encoder_lora_loads_onto_clip_with_the_stock_loraloader(textcraftor
         "strength_model": 0.0, "strength_clip": 1.0}}
     tuned["2"]["inputs"]["clip"] = ["10", 1]
     log_before = len(comfy_server.log())
-    images = []
-    for wf in (base, tuned):
-        entry = comfy_server.run(wf)
-        assert entry["status"]["status_str"] == "success", entry["status"]
-        info = entry["outputs"]["7"]["images"][0]
-        with Image.open(os.path.join(comfy_server.base_dir, "output", info.get("subfolder", ""), info["filename"])) as im:
-            images.append(torch.tensor(list(im.convert("RGB").getdata()), dtype=torch.float32))
-    assert (images[0] - images[1]).abs().max() > 0  # the CLIP patch changed the conditioning
+    images = [comfy_server.image(wf) for wf in (base, tuned)]
+    assert abs(images[0] - images[1]).max() > 0  # the CLIP patch changed the conditioning
     assert "lora key not loaded" not in comfy_server.log()[log_before:]
 
 

@@ -226,9 +226,8 @@ def test_trained_lora_loads_with_the_stock_loraloader_and_changes_the_image(alig
 
     from workflows import load_example, shrink
 
-    loras = os.path.join(comfy_server.base_dir, "models", "loras")
-    os.makedirs(loras, exist_ok=True)
-    shutil.copy(os.path.join(align_run, "lora_weights.safetensors"), os.path.join(loras, "trained_align.safetensors"))
+    shutil.copy(os.path.join(align_run, "lora_weights.safetensors"),
+                os.path.join(comfy_server.model_folder("loras"), "trained_align.safetensors"))
     base = shrink(load_example("long_prompt_sd15_api.json"), "tiny_sd15.safetensors", prefix="no_lora")
     with_lora = shrink(base, "tiny_sd15.safetensors", prefix="with_lora")
     with_lora["10"] = {"class_type": "LoraLoader", "inputs": {
@@ -236,16 +235,8 @@ def test_trained_lora_loads_with_the_stock_loraloader_and_changes_the_image(alig
         "strength_model": 1.0, "strength_clip": 1.0}}
     with_lora["5"]["inputs"]["model"] = ["10", 0]
     log_before = len(comfy_server.log())
-    images = []
-    for wf in (base, with_lora):
-        entry = comfy_server.run(wf)
-        assert entry["status"]["status_str"] == "success", entry["status"]
-        info = entry["outputs"]["7"]["images"][0]
-        from PIL import Image
-
-        with Image.open(os.path.join(comfy_server.base_dir, "output", info.get("subfolder", ""), info["filename"])) as im:
-            images.append(torch.tensor(list(im.convert("RGB").getdata()), dtype=torch.float32))
-    assert (images[0] - images[1]).abs().max() > 0
+    images = [comfy_server.image(wf) for wf in (base, with_lora)]
+    assert abs(images[0] - images[1]).max() > 0
     assert "lora key not loaded" not in comfy_server.log()[log_before:]
 
 
