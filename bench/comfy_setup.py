@@ -10,12 +10,18 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.join(REPO, "tests")
 
 
-def comfy_ready(quick: bool) -> None:
-    """Import ComfyUI from ``LONGALIGN_COMFYUI`` (set by scripts/bench.sh) and the pack; on the GPU
-    when one is there and not ``quick`` (ComfyUI's own device management), else as ``--cpu``."""
+def comfy_folder() -> str:
+    """ComfyUI's folder from ``LONGALIGN_COMFYUI`` (set by scripts/bench.sh)."""
     root = os.environ.get("LONGALIGN_COMFYUI", "")
     if not os.path.isfile(os.path.join(root, "main.py")):
         raise RuntimeError("LONGALIGN_COMFYUI must point at ComfyUI's folder: run `bash scripts/bench.sh`")
+    return root
+
+
+def comfy_ready(quick: bool) -> None:
+    """Import ComfyUI (:func:`comfy_folder`) and the pack; on the GPU when one is there and not
+    ``quick`` (ComfyUI's own device management), else as ``--cpu``."""
+    root = comfy_folder()
     if TESTS not in sys.path:
         sys.path.append(TESTS)
     from comfy_inprocess import import_comfy, load_pack

@@ -22,7 +22,7 @@ import os
 import torch
 
 from .common import Result, median_time
-from .comfy_setup import comfy_ready
+from .comfy_setup import comfy_folder
 
 PROMPTS = [
     "A weathered lighthouse stands on a cliff above a grey sea. Waves crash on black rocks below.",
@@ -72,7 +72,7 @@ def _t5_branch(full: bool, device, dtype):
     with device:
         encoder = T5EncoderModel(config).to(dtype).eval().requires_grad_(False)
         adapter = TextAdapter(config.d_model, 896 if full else 48, 768).to(dtype).eval().requires_grad_(False)
-    folder = os.path.join(os.environ["LONGALIGN_COMFYUI"], "comfy", "text_encoders", "t5_tokenizer")
+    folder = os.path.join(comfy_folder(), "comfy", "text_encoders", "t5_tokenizer")  # ComfyUI ships T5's files
     return T5Branch(t5_tokenizer(folder), encoder, adapter)
 
 
@@ -187,7 +187,6 @@ def _measure(mode: str, full: bool, device: torch.device, repeats: int, build=No
 
 
 def _device(quick: bool) -> torch.device:
-    comfy_ready(quick)  # for ComfyUI's T5 tokenizer files
     return torch.device("cuda" if torch.cuda.is_available() and not quick else "cpu")
 
 
