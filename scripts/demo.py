@@ -8,7 +8,7 @@ import shutil
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "tests"))
+sys.path[:0] = [REPO, os.path.join(REPO, "tests")]  # the library (training/) and the test helpers
 
 from comfy_inprocess import import_comfy  # noqa: E402
 from comfy_server import ComfyServer  # noqa: E402

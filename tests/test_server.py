@@ -45,3 +45,20 @@ def test_invalid_option_is_refused_by_validation(comfy_server):
     status, body = comfy_server.queue(wf)
     assert status == 400
     assert "2" in body["node_errors"]
+
+
+def test_readme_demo_runs_and_writes_both_images(comfy, tmp_path):
+    """`bash scripts/demo.sh` (README) runs scripts/demo.py in the test environment: it must start its
+    own server, run both graphs and write the two images it names."""
+    import re
+    import subprocess
+    import sys
+
+    from comfy_inprocess import REPO
+
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "demo.py"), "--dir", str(tmp_path),
+                           "--size", "64", "--steps", "1"], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "LONGALIGN_COMFYUI": comfy})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    written = re.findall(r"image written to (\S+)", proc.stdout)
+    assert len(written) == 2 and all(os.path.isfile(p) for p in written), proc.stdout
