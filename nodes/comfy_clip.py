@@ -1,12 +1,14 @@
 """ComfyUI's CLIP object as a :class:`training.encode.TextEncoderBackend`.
 
-Tokenising goes through ``clip.tokenize`` and encoding through ``clip.encode_from_tokens``, so
-ComfyUI's prompt weighting ``(word:1.2)``, ``embedding:`` names, clip-skip and LoRA patches keep
-their meaning inside every segment. Glue only: no ComfyUI import is needed (the CLIP is passed in).
+Tokenising goes through ``clip.tokenize`` (plain sentences through the same tokenizers, batched) and
+encoding through ``clip.encode_from_tokens``, so ComfyUI's prompt weighting ``(word:1.2)``,
+``embedding:`` names, clip-skip and LoRA patches keep their meaning inside every segment. Glue only:
+no ComfyUI import is needed (the CLIP is passed in).
 """
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections import OrderedDict
 from typing import Iterator, Sequence
 
@@ -46,30 +48,61 @@ def _short_rows(embeddings: list[torch.nn.Module], length: int) -> Iterator[None
             m.position_embedding = original
 
 
+_EMBEDDINGS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
+"""Per text-encoder model: its CLIPEmbeddings modules."""
+_EMPTY: "weakref.WeakKeyDictionary[object, dict]" = weakref.WeakKeyDictionary()
+"""Per tokenizer: ``clip.tokenize("")``."""
+EMBEDDING_PREFIX = "embedding:"
+"""ComfyUI's prompt syntax for a textual-inversion embedding."""
+
+
+def _embeddings(clip) -> tuple:
+    """The text encoders' CLIPEmbeddings modules (found once per model)."""
+    model = clip.cond_stage_model
+    if model not in _EMBEDDINGS:
+        _EMBEDDINGS[model] = tuple(m for m in model.modules()
+                                   if type(m).__name__ == "CLIPEmbeddings" and hasattr(m, "position_embedding"))
+    return _EMBEDDINGS[model]
+
+
+def _empty_prompt(clip) -> dict:
+    """``clip.tokenize("")``: per encoder key, the window ``[start, end, pad ...]`` as ComfyUI builds
+    it (once per tokenizer; the CLIP's tokenizer options can change it, so then every time)."""
+    if getattr(clip, "tokenizer_options", None):
+        return clip.tokenize("")
+    if clip.tokenizer not in _EMPTY:
+        _EMPTY[clip.tokenizer] = clip.tokenize("")
+    return _EMPTY[clip.tokenizer]
+
+
+def _plain(text: str) -> bool:
+    """Text without ComfyUI prompt syntax (weights, escapes, embeddings): ComfyUI tokenises it as the
+    CLIP BPE does, all weights 1."""
+    return not any(c in text for c in "()\\") and EMBEDDING_PREFIX not in text
+
+
 class ComfyClipBackend:
     """Segments through ComfyUI's CLIP object (SD1.x, SD2.x, SDXL).
 
-    Rows are cut to the longest segment in the batch (see :func:`_short_rows`); the pad embedding,
-    which needs the full 77-token empty prompt, is cached per CLIP weights (patch set) and layer.
+    Plain sentences are tokenised together (:meth:`tokenize_batch`); rows are cut to
+    the longest segment in the batch (see :func:`_short_rows`); the pad embedding, which needs the
+    full 77-token empty prompt, is cached per CLIP weights (patch set) and layer.
     """
 
     window = 77
 
     def __init__(self, clip) -> None:
         self.clip = clip
-        self._embeddings = [
-            m for m in clip.cond_stage_model.modules()
-            if type(m).__name__ == "CLIPEmbeddings" and hasattr(m, "position_embedding")
-        ]
-        empty = clip.tokenize("")
-        keys = set(empty)
+        self._empty = _empty_prompt(clip)
+        keys = set(self._empty)
         if not keys or not keys <= SUPPORTED_ENCODERS:
             raise ValueError(
                 "LongAlign Text Encode needs an SD1.x, SD2.x or SDXL CLIP (CLIP-L/H/G encoders); "
                 f"this CLIP has text encoders {sorted(keys)}"
             )
         self.keys = sorted(keys, key=lambda k: k != "l")  # masks read from 'l' when present
-        first = empty[self.keys[0]][0]
+        self._embeddings = _embeddings(clip)
+        first = self._empty[self.keys[0]][0]
         self.window = len(first)
         self.end_token = first[1][0]
 
@@ -87,6 +120,41 @@ class ComfyClipBackend:
             SegmentRow(self._end(tokens[self.keys[0]][i]), {k: tokens[k][i] for k in self.keys})
             for i in range(n)
         ]
+
+    def tokenize_batch(self, texts: Sequence[str]) -> list[list[SegmentRow]]:
+        """``[tokenize(t) for t in texts]``, with the plain texts (:func:`_plain`) tokenised together
+        (:meth:`_plain_rows`): one tokenizer call per encoder, as the stock node makes for the same
+        text, instead of one ``clip.tokenize`` per sentence (on a GPU the node's cost is host time)."""
+        options = getattr(self.clip, "tokenizer_options", None)  # padding options: windows built by ComfyUI only
+        plain = [] if options else [i for i, t in enumerate(texts) if _plain(t)]
+        rows = dict(zip(plain, self._plain_rows([texts[i] for i in plain]))) if len(plain) > 1 else {}
+        return [rows[i] if i in rows else self.tokenize(t) for i, t in enumerate(texts)]
+
+    def _plain_rows(self, texts: list[str]) -> list[list[SegmentRow]]:
+        """Each text's window as ``clip.tokenize(text)`` builds it for plain text, from one batched
+        call of ComfyUI's own tokenizer per encoder: ``[start, *ids, end, pad ...]`` with the ids that
+        ComfyUI's ``SDTokenizer`` takes (``tokenizer(text)["input_ids"][tokens_start:end]``), all weights
+        1, and the empty prompt's start, end and padding. A text longer than one window, or a CLIP
+        whose tokenizer is not laid out as ComfyUI's SD1/SD2/SDXL ones, is tokenised on its own."""
+        tokenizers = {k: getattr(self.clip.tokenizer, f"clip_{k}", None) for k in self.keys}
+        if not all(hasattr(t, "tokenizer") and hasattr(t, "tokens_start") for t in tokenizers.values()):
+            return [self.tokenize(t) for t in texts]
+        ids = {}
+        for k, sd in tokenizers.items():
+            end = -1 if getattr(sd, "tokenizer_adds_end_token", True) else None
+            ids[k] = [row[sd.tokens_start:end] for row in sd.tokenizer(list(texts))["input_ids"]]
+        out = []
+        for i, text in enumerate(texts):
+            n = len(ids[self.keys[0]][i])
+            if n > self.window - 2 or any(len(ids[k][i]) != n for k in self.keys):
+                out.append(self.tokenize(text))
+                continue
+            payload = {}
+            for k in self.keys:
+                start, end, *pad = self._empty[k][0]
+                payload[k] = [start, *((t, 1.0) for t in ids[k][i]), end, *pad[: len(pad) - n]]
+            out.append([SegmentRow(n + 1, payload)])
+        return out
 
     def encode(self, rows: Sequence[SegmentRow], length: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         if length >= self.window or not self._embeddings:

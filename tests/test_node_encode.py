@@ -144,17 +144,28 @@ def _random_comfy_clip(tokenizer_cls, model_cls, options):
     return clip
 
 
-@pytest.fixture(scope="module", params=["sd2", "sdxl"])
-def family_clip(request, comfy):
+_FAMILIES: dict = {}
+
+
+def family(name: str):
+    """``(name, clip, width, pooled width)`` of a small random SD2 or SDXL CLIP, built once."""
     import comfy.sdxl_clip
     import comfy.text_encoders.sd2_clip as sd2
 
-    small = {"num_hidden_layers": 3}  # the penultimate layer must exist
-    if request.param == "sd2":
-        return request.param, _random_comfy_clip(sd2.SD2Tokenizer, sd2.SD2ClipModel, {"clip_h_model_config": small}), 1024, None
-    clip = _random_comfy_clip(comfy.sdxl_clip.SDXLTokenizer, comfy.sdxl_clip.SDXLClipModel,
-                              {"clip_l_model_config": small, "clip_g_model_config": small})
-    return request.param, clip, 768 + 1280, 1280
+    if name not in _FAMILIES:
+        small = {"num_hidden_layers": 3}  # the penultimate layer must exist
+        if name == "sd2":
+            _FAMILIES[name] = name, _random_comfy_clip(sd2.SD2Tokenizer, sd2.SD2ClipModel, {"clip_h_model_config": small}), 1024, None
+        else:
+            clip = _random_comfy_clip(comfy.sdxl_clip.SDXLTokenizer, comfy.sdxl_clip.SDXLClipModel,
+                                      {"clip_l_model_config": small, "clip_g_model_config": small})
+            _FAMILIES[name] = name, clip, 768 + 1280, 1280
+    return _FAMILIES[name]
+
+
+@pytest.fixture(scope="module", params=["sd2", "sdxl"])
+def family_clip(request, comfy):
+    return family(request.param)
 
 
 def test_sd2_and_sdxl_clips_encode_segments_and_match_stock_in_native_mode(node, family_clip):
@@ -174,3 +185,35 @@ def test_sd2_and_sdxl_clips_encode_segments_and_match_stock_in_native_mode(node,
     full = clip.encode_from_tokens(clip.tokenize(first))
     n = one[0][0].shape[1]
     torch.testing.assert_close(one[0][0], full[:, :n], atol=1e-5, rtol=1e-5)
+
+
+BATCH_TEXTS = [
+    "A small red fishing boat rocks beside the old pier.",
+    "The café’s naïve sign glows 🐟 at dusk.",
+    "A (weathered:1.3) lighthouse on a cliff.",
+    "Seagulls \\(three of them\\) circle the lamp.",
+    "",
+    " ".join(["A long list of harbour things: ropes, nets, buoys, crates, lanterns and old anchors."] * 7),
+    "Fog rolls in.",
+]
+
+
+@pytest.mark.parametrize("name", ["sd1", "sd2", "sdxl"])
+def test_tokenize_batch_gives_what_clip_tokenize_gives_for_each_text(pack, tiny_clip_pair, name):
+    """Plain sentences are tokenised together with ComfyUI's own tokenizers (one call per encoder);
+    each row must equal ``clip.tokenize(sentence)`` token for token and weight for weight, with weighted,
+    escaped, empty and over-long texts among them, and with a tokenizer option set."""
+    clip = tiny_clip_pair[1] if name == "sd1" else family(name)[1]
+    def check(backend, texts, alone):
+        expected = [backend.tokenize(t) for t in texts]
+        original, calls = backend.tokenize, []
+        backend.tokenize = lambda t: calls.append(t) or original(t)
+        assert backend.tokenize_batch(texts) == expected
+        assert len(calls) == alone  # texts tokenised on their own, not together
+
+    cls = pack.nodes.comfy_clip.ComfyClipBackend
+    check(cls(clip), BATCH_TEXTS, 3)  # the weighted, the escaped and the over-long text
+    check(cls(clip), BATCH_TEXTS[:2], 0)
+    padded = clip.clone()
+    padded.set_tokenizer_option("min_padding", 5)
+    check(cls(padded), BATCH_TEXTS, len(BATCH_TEXTS))

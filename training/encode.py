@@ -31,6 +31,9 @@ SplitRule = Literal["sentences", "native"]
 PadPolicy = Literal["mean", "none"]
 PAD_EMBEDDING_POSITIONS = 60
 """The reference averages the last 60 of the empty prompt's 77 positions (all padding)."""
+TOKENIZE_CHARS = 1500
+"""Characters of sentences per tokenizer call: about 300 CLIP tokens of English, so that L = 240
+usually takes one call and text far past L is not tokenised."""
 
 
 class SegmentRow(NamedTuple):
@@ -49,6 +52,9 @@ class TextEncoderBackend(Protocol):
 
     def tokenize(self, text: str) -> list[SegmentRow]:
         """Rows for ``text``: one window, or several for text longer than ``window - 2`` tokens."""
+
+    def tokenize_batch(self, texts: Sequence[str]) -> list[list[SegmentRow]]:
+        """``[tokenize(t) for t in texts]``, in as few tokenizer calls as the backend can."""
 
     def encode(self, rows: Sequence[SegmentRow], length: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Hidden states ``(len(rows), T, D)`` with ``T >= length``, and the pooled output ``(1, P)`` of
@@ -100,11 +106,12 @@ def segment_rows(
     text: str, backend: TextEncoderBackend, split: SplitRule = "sentences"
 ) -> Iterator[tuple[str, list[SegmentRow]]]:
     """The segments a prompt is encoded as, each with its tokenised rows, in order; lazily, so that a
-    caller that stops (the encoder, at L rows) tokenises no further segment.
+    caller that stops (the encoder, at L rows) tokenises few segments past that point.
 
     ``sentences``: :func:`.segments.split_sentences` (which normalises the text as the reference's
-    ftfy tokenizer did), a sentence longer than one window packed at word boundaries; ``native``:
-    the raw prompt as ComfyUI's stock windows, untouched, so that it equals the stock node.
+    ftfy tokenizer did), tokenised :data:`TOKENIZE_CHARS` characters of sentences per tokenizer call;
+    a sentence longer than one window is packed at word boundaries. ``native``: the raw prompt as
+    ComfyUI's stock windows, untouched, so that it equals the stock node.
     """
     if split == "native":
         yield text, backend.tokenize(text)
@@ -114,12 +121,26 @@ def segment_rows(
     def count(t: str) -> int:
         return sum(row.end - 1 for row in backend.tokenize(t))
 
-    for sentence in split_sentences(text):
-        rows = backend.tokenize(sentence)
-        if len(rows) == 1:
-            yield sentence, rows
-        else:
-            yield from ((piece, backend.tokenize(piece)) for piece in pack_words(sentence, count, limit))
+    for batch in _char_batches(split_sentences(text), TOKENIZE_CHARS):
+        for sentence, rows in zip(batch, backend.tokenize_batch(batch)):
+            if len(rows) == 1:
+                yield sentence, rows
+            else:
+                yield from ((piece, backend.tokenize(piece)) for piece in pack_words(sentence, count, limit))
+
+
+def _char_batches(sentences: list[str], chars: int) -> Iterator[list[str]]:
+    """Consecutive runs of ``sentences`` of about ``chars`` characters (at least one sentence each)."""
+    batch: list[str] = []
+    size = 0
+    for sentence in sentences:
+        if batch and size + len(sentence) > chars:
+            yield batch
+            batch, size = [], 0
+        batch.append(sentence)
+        size += len(sentence) + 1
+    if batch:
+        yield batch
 
 
 def pad_embedding(backend: TextEncoderBackend) -> torch.Tensor:

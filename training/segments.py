@@ -19,6 +19,9 @@ import ftfy
 
 SENTENCE_MARKS = ".?!;"
 _WHITESPACE = re.compile(r"\s+")
+_PLAIN_ASCII = re.compile(r"[ -%'-~\t\n\r]*")
+"""Printable ASCII without ``&`` and the usual whitespace: text that ``ftfy.fix_text`` leaves as it is
+(beyond line breaks, which become spaces here anyway), so it is skipped."""
 
 
 def normalize_prompt(text: str) -> str:
@@ -30,7 +33,9 @@ def normalize_prompt(text: str) -> str:
     """
     if not isinstance(text, str):
         raise TypeError(f"prompt must be a string, got {type(text).__name__}")
-    text = ftfy.fix_text(html.unescape(html.unescape(text)))
+    text = html.unescape(html.unescape(text))
+    if not _PLAIN_ASCII.fullmatch(text):
+        text = ftfy.fix_text(text)
     return _WHITESPACE.sub(" ", text).strip()
 
 
@@ -55,6 +60,11 @@ def _units(text: str) -> Iterator[tuple[int, int, int]]:
         i += 1
 
 
+_SPLIT_POINTS = re.compile(r"\\.|[()]|[" + re.escape(SENTENCE_MARKS) + r"](?=\s|[" + re.escape(SENTENCE_MARKS) + r"]|$)",
+                           re.DOTALL)
+"""An escaped character (never a split point or bracket), a bracket, or a sentence mark that ends a word."""
+
+
 def split_sentences(text: str) -> list[str]:
     """Split ``text`` into sentence segments, each ending in ``.``.
 
@@ -63,14 +73,16 @@ def split_sentences(text: str) -> list[str]:
     """
     text = normalize_prompt(text)
     pieces: list[str] = []
-    start = 0
-    for i, end, depth in _units(text):
-        if end - i != 1 or text[i] not in SENTENCE_MARKS or depth > 0:
-            continue
-        nxt = text[end] if end < len(text) else " "
-        if nxt.isspace() or nxt in SENTENCE_MARKS:
-            pieces.append(text[start:i])
-            start = end
+    start = depth = 0
+    for match in _SPLIT_POINTS.finditer(text):
+        found = match.group()
+        if found == "(":
+            depth += 1
+        elif found == ")":
+            depth = max(depth - 1, 0)
+        elif found in SENTENCE_MARKS and depth == 0:
+            pieces.append(text[start:match.start()])
+            start = match.end()
     pieces.append(text[start:])
     segments = [p.strip() + "." for p in pieces if p.strip(" " + SENTENCE_MARKS)]
     return segments or [text]
