@@ -19,6 +19,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from .encode import SegmentRow
 from .safe_io import ModelFileError
+from .transfer import to_device
 
 CLIP_WINDOW = 77
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
@@ -92,17 +93,20 @@ class TransformersClipBackend:
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos
 
     def tokenize(self, text: str) -> list[SegmentRow]:
-        ids = self.tokenizer(text, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
+        return self.tokenize_batch([text])[0]
+
+    def tokenize_batch(self, texts: Sequence[str]) -> list[list[SegmentRow]]:
         content = self.window - 2
-        chunks = [ids[i: i + content] for i in range(0, len(ids), content)] or [[]]
-        return [
-            SegmentRow(len(c) + 1, [self.bos, *c, self.eos] + [self.pad] * (content - len(c)))
-            for c in chunks
-        ]
+        out = []
+        for ids in self.tokenizer(list(texts), add_special_tokens=False, truncation=False, verbose=False)["input_ids"]:
+            chunks = [ids[i: i + content] for i in range(0, len(ids), content)] or [[]]
+            out.append([SegmentRow(len(c) + 1, [self.bos, *c, self.eos] + [self.pad] * (content - len(c)))
+                        for c in chunks])
+        return out
 
     def encode(self, rows: Sequence[SegmentRow], length: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         device = self.text_encoder.device
-        ids = torch.tensor([row.payload[:length] for row in rows], dtype=torch.long, device=device)
+        ids = to_device([row.payload[:length] for row in rows], device, torch.long)
         out = self.text_encoder(input_ids=ids, output_hidden_states=self.hidden_layer is not None)
         if self.hidden_layer is None:
             hidden = out.last_hidden_state

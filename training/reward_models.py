@@ -24,6 +24,7 @@ from transformers import CLIPTokenizer
 from .clip_text import CLIP_WINDOW, clip_tokenizer
 from .safe_io import (PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, ModelFileError, load_json_object, load_pretrained_folder,
                       load_tensors)
+from .transfer import to_device
 
 RewardKind = Literal["denscore", "pickscore", "hpsv2", "clip"]
 TRANSFORMERS_KINDS = ("denscore", "pickscore")
@@ -84,7 +85,7 @@ class PreferenceModel:
         ids = tok(list(sentences), add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
         rows = [[tok.bos_token_id, *t[:content], tok.eos_token_id] for t in ids]
         rows = [r + [PAD_ID] * (CLIP_WINDOW - len(r)) for r in rows]
-        return torch.tensor(rows, dtype=torch.long, device=self.device)
+        return to_device(rows, self.device, torch.long)
 
     def encode_text(self, ids: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

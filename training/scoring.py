@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 from .reward_models import PreferenceModel
 from .segments import split_sentences
+from .transfer import to_device
 
 REFERENCE_W = 0.3
 CROP_FRACTION = 504 / 512
@@ -100,8 +101,8 @@ def preprocess_images(images: torch.Tensor, size: int, mean: Sequence[float], st
         top, left = (h - side) // 2, (w - side) // 2
     crop = images[:, :, top: top + side, left: left + side].float()
     resized = F.interpolate(crop, size=(size, size), mode=mode, antialias=True, align_corners=False)
-    mean_t = torch.tensor(mean, device=resized.device).view(1, 3, 1, 1)
-    std_t = torch.tensor(std, device=resized.device).view(1, 3, 1, 1)
+    mean_t = to_device(mean, resized.device).view(1, 3, 1, 1)
+    std_t = to_device(std, resized.device).view(1, 3, 1, 1)
     return (resized - mean_t) / std_t
 
 
@@ -142,16 +143,18 @@ def text_features(model: PreferenceModel, texts: Sequence[str]) -> torch.Tensor:
     unique = list(dict.fromkeys(texts))
     sentences = caption_sentences(unique)
     flat = [s for group in sentences for s in group]
-    owner = torch.tensor([i for i, group in enumerate(sentences) for _ in group], device=model.device)
+    owner = to_device([i for i, group in enumerate(sentences) for _ in group], model.device)
     feats = torch.cat([
         F.normalize(model.encode_text(model.tokenize(flat[i: i + TEXT_CHUNK])).float(), dim=-1)
         for i in range(0, len(flat), TEXT_CHUNK)
     ])
     sums = torch.zeros(len(unique), feats.shape[1], device=feats.device).index_add_(0, owner, feats)
-    counts = torch.bincount(owner, minlength=len(unique)).unsqueeze(1)
+    counts = to_device([len(group) for group in sentences], feats.device).unsqueeze(1)  # bincount would sync
     f_T = sums / counts
+    if len(unique) == len(texts):  # all distinct: already in order
+        return f_T
     index = {t: i for i, t in enumerate(unique)}
-    return f_T[torch.tensor([index[t] for t in texts], device=f_T.device)]
+    return f_T[to_device([index[t] for t in texts], f_T.device)]
 
 
 def common_direction(f_T: torch.Tensor) -> torch.Tensor:
@@ -267,9 +270,10 @@ def score_images(model: PreferenceModel, images: torch.Tensor | Sequence[torch.T
     n = images.shape[0] if isinstance(images, torch.Tensor) else len(images)
     if len(texts) not in (1, n):
         raise ValueError(f"got {n} images and {len(texts)} texts: give one text per image, or one for all")
+    f_I = image_features(model, images, train, generator)  # queued first: the text work overlaps it
     f_T = text_features(model, texts)
     v = resolve_direction(model, direction, f_T, reference, gather)
-    return decompose(f_T, image_features(model, images, train, generator), v, w, model.logit_scale)
+    return decompose(f_T, f_I, v, w, model.logit_scale)
 
 
 def reward_loss(scores: DecomposedScores) -> torch.Tensor:
