@@ -50,6 +50,26 @@ def test_fast_mode_equals_reference_mode(decode_chunk, checkpoint_calls):
                                    msg=lambda m, name=name: f"{name}: {m}")
 
 
+def test_fast_mode_decodes_each_image_once_and_keeps_only_the_score_differentiable():
+    """The chunked decode runs once per chunk (the gradient into x0 is taken there), not once without
+    a graph and again in backward; the logged columns carry no gradient."""
+    from training.objectives.reward import ChunkedDecodeScore
+
+    decoded = []
+
+    def fn(part, start):
+        decoded.append(part.shape[0])
+        return torch.stack([(part ** 2).flatten(1).sum(1), part.flatten(1).sum(1)], dim=1)
+
+    x0 = torch.randn(5, 4, 3, 3, requires_grad=True)
+    score, columns = ChunkedDecodeScore.apply(x0, fn, 2)
+    assert decoded == [2, 2, 1] and not columns.requires_grad
+    torch.testing.assert_close(columns[:, 0], score.detach())
+    (3 * score).sum().backward()
+    assert decoded == [2, 2, 1]  # backward decodes nothing again
+    torch.testing.assert_close(x0.grad, 6 * x0.detach())
+
+
 def test_shadow_weights_follow_the_lora_and_leave_it_untouched():
     c, params, _, _ = _tiny_reward_setup()
     denoiser = MergedShadowUNet(c.unet)

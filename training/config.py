@@ -75,7 +75,7 @@ class SamplingConfig:
     guidance: float = opt(7.5, "classifier-free guidance scale")
     grad_steps: int = opt(5, "K: UNet calls with gradient (every steps/K-th step, random offset)")
     w: float = opt(0.3, "reweighting of the text-irrelevant score part (reference 0.3; 1 = plain score)")
-    decode_chunk: int = opt(2, "fast mode: images decoded and back-propagated into x0 at a time (memory); 0 = whole batch")
+    decode_chunk: int = opt(1, "fast mode: images decoded and back-propagated into x0 at a time (memory); 0 = whole batch")
     checkpoint_calls: bool = opt(False, "fast mode: also one activation checkpoint around each gradient UNet call, so "
                                         "only the calls' inputs are held until the backward pass (lower peak memory, "
                                         "one more UNet forward per gradient call)")

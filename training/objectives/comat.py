@@ -106,16 +106,17 @@ class CoMatObjective(RewardObjective):
         return tokens, groups
 
     def concept_reward(self, x0: torch.Tensor, captions: list[str], generator: torch.Generator) -> torch.Tensor:
-        """``r`` of the decoded ``x0``; with ``decode_chunk`` (fast mode) decoded and captioned without a
-        graph, then again ``decode_chunk`` images at a time in backward (the same numbers: ``r`` is a sum
-        of per-image token losses over the batch's token count; the batch's one crop is replayed)."""
+        """``r`` of the decoded ``x0``; with ``decode_chunk`` (fast mode) decoded, captioned and
+        back-propagated into ``x0`` ``decode_chunk`` images at a time (:class:`.reward.ChunkedDecodeScore`;
+        the same numbers: ``r`` is a sum of per-image token losses over the batch's token count; the
+        batch's one crop is replayed)."""
         crop = (str(generator.device), generator.get_state())
 
         def losses(part: torch.Tensor, start: int) -> torch.Tensor:
             return self.captioner.token_losses(self.decode(part), captions[start: start + part.shape[0]],
                                                replayed_generator(crop))
 
-        sums = ChunkedDecodeScore.apply(x0, losses, self.decode_chunk) if self.decode_chunk else losses(x0, 0)
+        sums = ChunkedDecodeScore.apply(x0, losses, self.decode_chunk)[0] if self.decode_chunk else losses(x0, 0)
         return -sums.sum() / self.captioner.token_count(captions)
 
     def loss(self, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -10,10 +10,11 @@ Two ways to decode and score, the same numbers:
 
 * ``decode_chunk = 0`` (reference): the whole batch decoded with gradient, activations kept
   (about 24 GiB at batch 8 on SD1.5, SPEC §8);
-* ``decode_chunk = c`` (fast): decoded and scored without a graph, then, in backward, ``c`` images
-  at a time decoded again with gradient and back-propagated into ``x0``. ``s_w,b`` depends on image
-  ``b`` only once ``f_T`` and ``v`` are fixed (they come from text), so this is exact; the random
-  crop is drawn once per batch and replayed in every chunk.
+* ``decode_chunk = c`` (fast): ``c`` images at a time decoded and scored with gradient, and the
+  gradient of their ``s_w`` back-propagated into ``x0`` at once, before the next chunk
+  (:class:`ChunkedDecodeScore`). ``s_w,b`` depends on image ``b`` only once ``f_T`` and ``v`` are
+  fixed (they come from text), so this is exact; the random crop is drawn once per batch and
+  replayed in every chunk.
 
 The stage needs prompts only. ``reference_encodes_images`` reproduces the reference's cost of
 VAE-encoding a batch of images every step (it used them only for the noise's shape); it is for
@@ -45,26 +46,35 @@ def replayed_generator(saved: tuple[str, torch.Tensor]) -> torch.Generator:
 
 
 class ChunkedDecodeScore(torch.autograd.Function):
-    """``scores = cat_c fn(x0_c, start_c)`` computed without a graph; backward recomputes ``fn``
-    chunk by chunk with gradient and returns ``d scores / d x0``."""
+    """``score, columns = ChunkedDecodeScore.apply(x0, fn, chunk)``: ``columns = cat_c fn(x0_c, start_c)``
+    (``(n,)`` or ``(n, C)``, image by image) and ``score`` its first column, the only one that carries a
+    gradient (the others are for logging).
+
+    Each chunk is decoded and scored once, with gradient, in forward, and ``d score_b / d x0_b`` is
+    kept (the size of ``x0``); backward scales it by the incoming gradient. That is exact because
+    ``score_b`` depends on image ``b`` alone (so the gradient of ``sum_b score_b`` holds every image's
+    own), and it decodes every image once, not once without a graph and again in backward.
+    """
 
     @staticmethod
-    def forward(ctx, x0: torch.Tensor, fn: Callable[[torch.Tensor, int], torch.Tensor], chunk: int) -> torch.Tensor:
-        ctx.fn, ctx.chunk = fn, chunk
-        ctx.save_for_backward(x0)
-        with torch.no_grad():
-            return torch.cat([fn(part, start) for start, part in _chunks(x0, chunk)])
-
-    @staticmethod
-    def backward(ctx, grad_scores: torch.Tensor):
-        (x0,) = ctx.saved_tensors
-        grads = []
-        for start, part in _chunks(x0, ctx.chunk):
+    def forward(ctx, x0: torch.Tensor, fn: Callable[[torch.Tensor, int], torch.Tensor], chunk: int):
+        columns, grads = [], []
+        for start, part in _chunks(x0, chunk):
             with torch.enable_grad():
                 part = part.detach().requires_grad_(True)
-                scores = ctx.fn(part, start)
-                grads.append(torch.autograd.grad(scores, part, grad_scores[start: start + part.shape[0]])[0])
-        return torch.cat(grads), None, None
+                out = fn(part, start)
+                first = out if out.ndim == 1 else out[:, 0]
+                grads.append(torch.autograd.grad(first.sum(), part)[0])
+            columns.append(out.detach())
+        ctx.save_for_backward(torch.cat(grads))
+        columns = torch.cat(columns)
+        ctx.mark_non_differentiable(columns)
+        return (columns if columns.ndim == 1 else columns[:, 0]).clone(), columns
+
+    @staticmethod
+    def backward(ctx, grad_score: torch.Tensor, _grad_columns: torch.Tensor):
+        (jacobian,) = ctx.saved_tensors
+        return grad_score.view(-1, *([1] * (jacobian.ndim - 1))).to(jacobian.dtype) * jacobian, None, None
 
 
 class RewardObjective:
@@ -113,9 +123,10 @@ class RewardObjective:
                        generator=generator)
         if self.decode_chunk:
             fn = lambda part, start: self._scores(part, f_T[start: start + part.shape[0]], direction, crop)  # noqa: E731
-            columns = ChunkedDecodeScore.apply(x0, fn, self.decode_chunk)
+            reweighted, columns = ChunkedDecodeScore.apply(x0, fn, self.decode_chunk)
         else:
             columns = self._scores(x0, f_T, direction, crop)
-        loss = 0.5 * (1.0 - columns[:, 0].mean())
+            reweighted = columns[:, 0]
+        loss = 0.5 * (1.0 - reweighted.mean())
         means = columns.detach().mean(dim=0)
         return loss, {"reward": means[0], "score": means[1], "text_relevant": means[2], "text_irrelevant": means[3]}
