@@ -65,7 +65,7 @@ def run(quick: bool) -> list[Result]:
             ours, stock = paired_median_times(
                 lambda: ours_node.encode(clip, text, "sentences", 240, "mean", True),
                 lambda: stock_node.encode(clip, text),
-                repeats=3 if quick else 7, warmup=1,
+                repeats=3 if quick else 25, warmup=3,
             )
         ratio = ours / stock
         results.append(Result(

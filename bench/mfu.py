@@ -6,7 +6,7 @@
 8 prompts x CFG, 64x64 latents, ct5f context of 480 tokens, bf16), counted by
 ``torch.utils.flop_counter`` on that call (matrix products, convolutions, attention); ``t``: the
 call's median time, eager and compiled as the fast mode's shadow UNet runs it
-(``torch.compile(dynamic=False)``); ``P``: the rate of a large bf16 matrix product (8192^3)
+(``torch.compile(dynamic=False)``, channels-last memory format); ``P``: the rate of a large bf16 matrix product (8192^3)
 measured in the same run. Target: at least 45 % for the compiled call. CUDA only.
 """
 from __future__ import annotations
@@ -52,13 +52,15 @@ def run(quick: bool) -> list[Result]:
         unet(x, t, context)
     flops = counter.get_total_flops()
     results = []
-    for label, forward in (("eager", unet), ("compiled", torch.compile(unet, dynamic=False))):
-        with torch.no_grad():
-            seconds = median_time(lambda: forward(x, t, context), repeats=20, warmup=3)
+    with torch.no_grad():
+        eager = median_time(lambda: unet(x, t, context), repeats=20, warmup=3)
+        shadow = unet.to(memory_format=torch.channels_last)  # as MergedShadowUNet runs it compiled
+        compiled, x_cl = torch.compile(shadow, dynamic=False), x.contiguous(memory_format=torch.channels_last)
+        fast = median_time(lambda: compiled(x_cl, t, context), repeats=20, warmup=3)
+    for label, seconds, asserted in (("eager", eager, False), ("compiled, channels-last", fast, True)):
         rate = flops / seconds
         results.append(Result(f"{name}, {label}", rate / 1e12, peak / 1e12, "TF",
-                              ">= 0.45" if label == "compiled" else "report",
-                              rate / peak >= 0.45 if label == "compiled" else None,
+                              ">= 0.45" if asserted else "report", rate / peak >= 0.45 if asserted else None,
                               note=f"{seconds * 1e3:.1f} ms per call, {flops / 1e12:.2f} TFLOP; baseline = "
                                    "8192^3 bf16 matmul in the same run"))
     return results

@@ -18,8 +18,11 @@ from __future__ import annotations
 import gc
 import json
 import os
+import sys
 
 import torch
+
+from training.config import SamplingConfig
 
 from .common import Result, median_time
 from .comfy_setup import comfy_folder
@@ -129,6 +132,9 @@ def _optimizer_step(objective, data: dict, params: list, fast: bool, device: tor
     return step
 
 
+DECODE_CHUNK = SamplingConfig().decode_chunk
+
+
 def _reward_step(mode: str, full: bool, device: torch.device, checkpoint_calls: bool = False):
     """A closure running one optimizer step of the reward stage in ``mode``, and the batch size
     (``checkpoint_calls``: the fast mode's ``sampling.checkpoint_calls`` setting)."""
@@ -143,7 +149,7 @@ def _reward_step(mode: str, full: bool, device: torch.device, checkpoint_calls: 
     steps, K = (50, 5) if full else (6, 2)
     objective = RewardObjective(denoiser, c.vae, c.scheduler, conditioner, _reward_model(full, device, dtype),
                                 (4, resolution // 8, resolution // 8), steps, 7.5, K, 0.3, None, dtype,
-                                decode_chunk=2 if fast else 0, reference_encodes_images=not fast)
+                                decode_chunk=DECODE_CHUNK if fast else 0, reference_encodes_images=not fast)
     return _optimizer_step(objective, {"caption": PROMPTS[:batch]}, params, fast, device), batch
 
 
@@ -173,16 +179,18 @@ def _measure(mode: str, full: bool, device: torch.device, repeats: int, build=No
     step, batch = (build or _reward_step)(mode, full, device)
     peak = None
     if device.type == "cuda":
-        step()
+        step()  # warm-up (compiles in fast mode)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         step()
         peak = torch.cuda.max_memory_allocated() / 2**30
-    seconds = median_time(step, repeats=repeats, warmup=1)
+    seconds = median_time(step, repeats=repeats, warmup=0 if device.type == "cuda" else 1)
     del step
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+    print(f"[bench] train: {mode}{' (variant)' if build else ''}: {seconds / batch:.4g} s/sample, peak {peak} GiB",
+          file=sys.stderr, flush=True)
     return seconds / batch, peak
 
 
