@@ -1,5 +1,7 @@
 """The fast mode is the same method: on tiny fp32 models with LoRA dropout 0 it gives the reference
 mode's loss and LoRA gradients (issue 11). The speed may never come from changing the method."""
+import os
+
 import pytest
 import torch
 
@@ -87,24 +89,38 @@ def test_shadow_weights_follow_the_lora_and_leave_it_untouched():
         [(n, p) for n, p in c.unet.named_parameters() if p.requires_grad], before, [p.detach() for p in params]))
 
 
-def test_align_fast_mode_caches_frozen_encoders_and_keeps_the_numbers(tmp_path):
+def _align_setup(tmp_path, t5_folder: str | None = None):
+    """Tiny components with a UNet LoRA, the align conditioner (with a training TextAdapter on a tiny
+    T5 when ``t5_folder``, ComfyUI's, gives the T5 tokenizer) and a batch of 4 images."""
     from trainer_helpers import make_image_folder
     from training.clip_text import TransformersClipBackend
     from training.conditioning import TextConditioner
     from training.config import ModelConfig
     from training.data import ImageCaptionDataset, collate, read_records
-    from training.feature_cache import FeatureCache
     from training.lora import add_lora
     from training.models import load_components
-    from training.objectives.align import AlignObjective
+    from training.t5 import T5Branch, t5_tokenizer
 
     c = load_components(ModelConfig(tiny=True))
     for m in (c.unet, c.vae, c.text_encoder):
         m.requires_grad_(False)
     add_lora(c.unet, 4, 4.0)
-    conditioner = TextConditioner(TransformersClipBackend(c.tokenizer, c.text_encoder), 77)
+    branch = None
+    if t5_folder is not None:
+        from tiny_models import tiny_t5_encoder, tiny_text_adapter
+
+        branch = T5Branch(t5_tokenizer(os.path.join(t5_folder, "comfy", "text_encoders", "t5_tokenizer")),
+                          tiny_t5_encoder().requires_grad_(False), tiny_text_adapter().train())
+    conditioner = TextConditioner(TransformersClipBackend(c.tokenizer, c.text_encoder), 77, branch)
     dataset = ImageCaptionDataset(read_records(make_image_folder(str(tmp_path), n=4), need_images=True), 64)
-    batch = collate([dataset[i] for i in range(4)])
+    return c, conditioner, collate([dataset[i] for i in range(4)])
+
+
+def test_align_fast_mode_caches_frozen_encoders_and_keeps_the_numbers(tmp_path):
+    from training.feature_cache import FeatureCache
+    from training.objectives.align import AlignObjective
+
+    c, conditioner, batch = _align_setup(tmp_path)
     cache = FeatureCache(2**30)
     reference = AlignObjective(c.unet, c.vae, c.scheduler, conditioner, 0.5, torch.float32)
     fast = AlignObjective(c.unet, c.vae, c.scheduler, conditioner, 0.5, torch.float32, cache)
@@ -121,3 +137,32 @@ def test_align_fast_mode_caches_frozen_encoders_and_keeps_the_numbers(tmp_path):
             batch, torch.Generator().manual_seed(3))[0]
     torch.testing.assert_close(again, losses[0], atol=1e-6, rtol=1e-5)
     assert tiny.used == 0 and not tiny.entries
+
+
+def test_align_fast_mode_with_t5_caches_t5_and_trains_the_adapter_the_same(tmp_path, comfy):
+    """ct5f: the cache keeps the frozen T5's hidden states (T5 runs once per caption); the training
+    TextAdapter runs on them every step and gets the reference's gradients."""
+    from training.feature_cache import FeatureCache
+    from training.objectives.align import AlignObjective
+
+    c, conditioner, batch = _align_setup(tmp_path, comfy)
+    t5_calls = []
+    conditioner.t5.encoder.register_forward_hook(lambda *_: t5_calls.append(1))
+    adapter = conditioner.t5.adapter
+    cache = FeatureCache(2**30)
+    results = []
+    for objective in (AlignObjective(c.unet, c.vae, c.scheduler, conditioner, 0.5, torch.float32),
+                      *[AlignObjective(c.unet, c.vae, c.scheduler, conditioner, 0.5, torch.float32, cache)] * 2):
+        adapter.zero_grad(set_to_none=True)
+        t5_calls.clear()
+        torch.manual_seed(0)  # the adapter trains with dropout 0.1 (reference), drawn from the global generator
+        loss = objective.loss(batch, torch.Generator().manual_seed(3))[0]
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in adapter.parameters()], len(t5_calls)))
+    (ref_loss, ref_grads, ref_calls), (first_loss, first_grads, first_calls), (loss, grads, calls) = results
+    assert (ref_calls, first_calls, calls) == (1, 1, 0)  # the second fast step reads T5 from the cache
+    assert any(g.abs().max() > 0 for g in ref_grads)
+    for got_loss, got_grads in ((first_loss, first_grads), (loss, grads)):
+        torch.testing.assert_close(got_loss, ref_loss, atol=1e-6, rtol=1e-5)
+        for got, want in zip(got_grads, ref_grads):
+            torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4)

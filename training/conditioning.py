@@ -9,7 +9,7 @@ import torch
 
 from .clip_text import TransformersClipBackend
 from .encode import SegmentOptions, encode_long_prompts, pad_embedding
-from .t5 import T5Branch, encode_ct5f
+from .t5 import T5Branch, encode_ct5f, join_ct5f
 
 
 class TextConditioner:
@@ -30,3 +30,24 @@ class TextConditioner:
         if self.t5 is None:
             return encode_long_prompts(list(captions), self.backend, self.options, self.pad).cond
         return encode_ct5f(list(captions), self.backend, self.t5, self.options, self.pad).cond
+
+    def frozen(self, captions: Sequence[str]) -> torch.Tensor:
+        """What the frozen encoders give for ``captions``, for a cache: the CLIP segment conditioning
+        ``(B, L, D)``, with a T5 branch followed on the feature axis by T5's hidden state
+        (``(B, L, D + d_t5)``, in the wider of the two dtypes, so nothing is rounded)."""
+        clip = encode_long_prompts(list(captions), self.backend, self.options, self.pad).cond
+        if self.t5 is None:
+            return clip
+        hidden = self.t5.hidden(captions, self.options.token_length)
+        dtype = torch.promote_types(clip.dtype, hidden.dtype)
+        return torch.cat([clip.to(dtype), hidden.to(clip.device, dtype)], dim=-1)
+
+    def assemble(self, frozen: torch.Tensor) -> torch.Tensor:
+        """The conditioning from :meth:`frozen`'s output, equal to ``self(captions)``: with a T5 branch
+        ``cat([clip, TextAdapter(T5 hidden)], dim=1)``, the adapter run here (with its graph when it
+        trains)."""
+        if self.t5 is None:
+            return frozen
+        width = self.pad.shape[-1]
+        clip = frozen[..., :width].to(self.pad.dtype)
+        return join_ct5f(clip, self.t5.adapt(frozen[..., width:].to(self.t5.encoder.dtype)))

@@ -122,11 +122,18 @@ class T5Branch:
 
     def encode(self, texts: Sequence[str], token_length: int) -> torch.Tensor:
         """``TextAdapter(T5(ids))``, ids padded/truncated to ``token_length``, no mask: (B, L, out_dim)."""
+        return self.adapt(self.hidden(texts, token_length))
+
+    def hidden(self, texts: Sequence[str], token_length: int) -> torch.Tensor:
+        """``T5(ids)``: the frozen encoder's last hidden state, (B, L, d_model)."""
         if token_length < 1:
             raise ValueError(f"the T5 branch needs token_length >= 1 (reference: 240), got {token_length}")
         ids = self.tokenizer(list(texts), max_length=token_length, padding="max_length", truncation=True,
                              return_tensors="pt").input_ids.to(self.encoder.device)
-        hidden = self.encoder(input_ids=ids).last_hidden_state
+        return self.encoder(input_ids=ids).last_hidden_state
+
+    def adapt(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``TextAdapter(hidden)``: (B, L, out_dim), in the adapter's dtype (it may be training)."""
         adapter_param = next(self.adapter.parameters())
         return self.adapter(hidden.to(adapter_param.device, adapter_param.dtype)).sample
 
@@ -148,13 +155,14 @@ def encode_ct5f(
             f"got token_length {options.token_length} and pad {options.pad!r}"
         )
     clip = encode_long_prompts(texts, backend, options, pad)
-    t5 = branch.encode(texts, options.token_length)
-    if t5.shape[-1] != clip.cond.shape[-1]:
-        raise ValueError(
-            f"the TextAdapter's out_dim {t5.shape[-1]} does not match the CLIP width {clip.cond.shape[-1]}"
-        )
-    cond = torch.cat([clip.cond, t5.to(clip.cond.device, clip.cond.dtype)], dim=1)
-    return replace(clip, cond=cond)
+    return replace(clip, cond=join_ct5f(clip.cond, branch.encode(texts, options.token_length)))
+
+
+def join_ct5f(clip: torch.Tensor, t5: torch.Tensor) -> torch.Tensor:
+    """``cat([clip, t5], dim=1)`` in the CLIP half's dtype and device, widths checked."""
+    if t5.shape[-1] != clip.shape[-1]:
+        raise ValueError(f"the TextAdapter's out_dim {t5.shape[-1]} does not match the CLIP width {clip.shape[-1]}")
+    return torch.cat([clip, t5.to(clip.device, clip.dtype)], dim=1)
 
 
 LAVI_BRIDGE_INT_DIM = 896

@@ -5,9 +5,10 @@
                                             replaced by the empty prompt's with prob. p = 0.1
 
 With a :class:`..feature_cache.FeatureCache` (fast mode) the frozen VAE encoder and the frozen text
-encoder run once per image and caption: the cache keeps each image's latent distribution (mean,
+encoders run once per image and caption: the cache keeps each image's latent distribution (mean,
 std) and draws ``x_0 = mean + std * n`` with the same generator draw as ``latent_dist.sample``, so
-the numbers are the reference's. A trained TextAdapter (T5 branch) is never cached.
+the numbers are the reference's. With a T5 branch the cache keeps T5's hidden states, and the
+TextAdapter, which trains, runs on them every step.
 """
 from __future__ import annotations
 
@@ -39,12 +40,13 @@ class AlignObjective:
         return moments[:, 0], moments[:, 1]
 
     def _context(self, captions: list[str]) -> torch.Tensor:
-        if self.cache is None or self.conditioner.t5 is not None:
+        if self.cache is None:
             return self.conditioner(captions)
         with torch.no_grad():
-            return self.cache.get_many([("text", c) for c in captions],
-                                       lambda positions: self.conditioner([captions[i] for i in positions]),
-                                       self.vae.device)
+            frozen = self.cache.get_many([("text", c) for c in captions],
+                                         lambda positions: self.conditioner.frozen([captions[i] for i in positions]),
+                                         self.vae.device)
+        return self.conditioner.assemble(frozen)
 
     def loss(self, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         pixels = batch["pixel_values"].to(self.vae.device, self.weight_dtype)
