@@ -16,8 +16,8 @@ def run(quick: bool) -> list[Result]:
     device = _device(quick)
     cuda = device.type == "cuda"
     repeats = 2 if quick else 5
-    ref_time, ref_mem = _measure("reference", not quick, device, repeats, _align_step)
-    fast_time, fast_mem = _measure("fast", not quick, device, repeats, _align_step)
+    ref_time, ref_mem = _measure("reference", not quick, device, repeats, _align_step, "align step")
+    fast_time, fast_mem = _measure("fast", not quick, device, repeats, _align_step, "align step")
     where = "SD1.5 shapes, bf16, batch 16, ct5f" if not quick else "tiny preset, CPU, batch 4"
     results = [Result(f"align step s/sample ({where}; cache warm)", fast_time, ref_time, "s", "<= 0.67x",
                       (fast_time / ref_time <= 1 / 1.5 and fast_mem <= ref_mem) if cuda else None,
@@ -25,7 +25,8 @@ def run(quick: bool) -> list[Result]:
                                                                       if cuda else ""))]
     if cuda:
         low_time, low_mem = _measure("fast", True, device, repeats,
-                                     lambda m, f, d: _align_step(m, f, d, low_memory=True))
+                                     lambda m, f, d: _align_step(m, f, d, low_memory=True),
+                                     "align step, low-memory setting")
         results.append(Result("align step peak memory, low-memory setting", low_mem, ref_mem, "G", "<= 0.4x",
                               low_mem / ref_mem <= 0.4, note=f"{1 / low_time:.3g} samples/s"))
     return results

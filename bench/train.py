@@ -5,8 +5,8 @@ sets them up; ``reference`` runs the way the reference code runs (LoRA unmerged 
 all calls, one activation checkpoint around the whole UNet at the K gradient calls, the batch's
 images VAE-encoded every step, decode with gradient and no checkpoint, plain AdamW); ``fast`` is the
 default mode (merged-weight shadow UNet for the no-grad calls, per-block checkpointing, chunked
-decode back-propagated into ``x0``, fused AdamW on CUDA, ``torch.compile`` of the no-grad UNet on
-CUDA). Same seeds, same prompts, same number of steps. Each side is built, measured (median step
+decode back-propagated into ``x0``, fused AdamW on CUDA, ``torch.compile`` of the UNet calls on
+CUDA, the no-grad shadow in channels-last). Same seeds, same prompts, same number of steps. Each side is built, measured (median step
 time after warm-up; peak CUDA memory, reset before its step) and freed before the other.
 
 ``--quick``: the tiny preset on the CPU (timings reported, not asserted). Full: SD1.5 shapes from the
@@ -174,8 +174,10 @@ def _align_step(mode: str, full: bool, device: torch.device, low_memory: bool = 
     return _optimizer_step(objective, data, params, fast, device), batch
 
 
-def _measure(mode: str, full: bool, device: torch.device, repeats: int, build=None) -> tuple[float, float | None]:
-    """(seconds per sample, peak CUDA GiB or None) of ``build(mode, full, device)``'s step."""
+def _measure(mode: str, full: bool, device: torch.device, repeats: int, build=None,
+             label: str = "reward step") -> tuple[float, float | None]:
+    """(seconds per sample, peak CUDA GiB or None) of ``build(mode, full, device)``'s step (printed
+    with ``label`` as soon as measured)."""
     step, batch = (build or _reward_step)(mode, full, device)
     peak = None
     if device.type == "cuda":
@@ -189,8 +191,8 @@ def _measure(mode: str, full: bool, device: torch.device, repeats: int, build=No
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    print(f"[bench] train: {mode}{' (variant)' if build else ''}: {seconds / batch:.4g} s/sample, peak {peak} GiB",
-          file=sys.stderr, flush=True)
+    memory = "" if peak is None else f", peak {peak:.2f} GiB"
+    print(f"[bench] {label}, {mode}: {seconds / batch:.4g} s/sample{memory}", file=sys.stderr, flush=True)
     return seconds / batch, peak
 
 
@@ -212,7 +214,8 @@ def run(quick: bool) -> list[Result]:
         results.append(Result("reward step peak GPU memory", fast_mem, ref_mem, "G", "<= 0.5x",
                               fast_mem / ref_mem <= 0.5))
         low_time, low_mem = _measure("fast", True, device, repeats,
-                                     lambda m, f, d: _reward_step(m, f, d, checkpoint_calls=True))
+                                     lambda m, f, d: _reward_step(m, f, d, checkpoint_calls=True),
+                                     "reward step, sampling.checkpoint_calls")
         results.append(Result("reward step peak memory, sampling.checkpoint_calls", low_mem, ref_mem, "G", "<= 0.5x",
                               low_mem / ref_mem <= 0.5, note=f"speed-up {ref_time / low_time:.2f}x"))
     else:
