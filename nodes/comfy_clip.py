@@ -65,10 +65,10 @@ def _embeddings(clip) -> tuple:
     return _EMBEDDINGS[model]
 
 
-def _empty_prompt(clip) -> dict:
+def _empty_prompt(clip, cached: bool) -> dict:
     """``clip.tokenize("")``: per encoder key, the window ``[start, end, pad ...]`` as ComfyUI builds
-    it (once per tokenizer; the CLIP's tokenizer options can change it, so then every time)."""
-    if getattr(clip, "tokenizer_options", None):
+    it (``cached``: once per tokenizer; a CLIP with tokenizer options needs it every time)."""
+    if not cached:
         return clip.tokenize("")
     if clip.tokenizer not in _EMPTY:
         _EMPTY[clip.tokenizer] = clip.tokenize("")
@@ -93,7 +93,10 @@ class ComfyClipBackend:
 
     def __init__(self, clip) -> None:
         self.clip = clip
-        self._empty = _empty_prompt(clip)
+        # no tokenizer option (padding) changes ComfyUI's windows: the empty prompt's window is cached
+        # and plain sentences are windowed here (_plain_rows)
+        self._default_windows = not getattr(clip, "tokenizer_options", None)
+        self._empty = _empty_prompt(clip, cached=self._default_windows)
         keys = set(self._empty)
         if not keys or not keys <= SUPPORTED_ENCODERS:
             raise ValueError(
@@ -125,8 +128,7 @@ class ComfyClipBackend:
         """``[tokenize(t) for t in texts]``, with the plain texts (:func:`_plain`) tokenised together
         (:meth:`_plain_rows`): one tokenizer call per encoder, as the stock node makes for the same
         text, instead of one ``clip.tokenize`` per sentence (on a GPU the node's cost is host time)."""
-        options = getattr(self.clip, "tokenizer_options", None)  # padding options: windows built by ComfyUI only
-        plain = [] if options else [i for i, t in enumerate(texts) if _plain(t)]
+        plain = [i for i, t in enumerate(texts) if _plain(t)] if self._default_windows else []
         rows = dict(zip(plain, self._plain_rows([texts[i] for i in plain]))) if len(plain) > 1 else {}
         return [rows[i] if i in rows else self.tokenize(t) for i, t in enumerate(texts)]
 
