@@ -89,9 +89,10 @@ def test_shadow_weights_follow_the_lora_and_leave_it_untouched():
         [(n, p) for n, p in c.unet.named_parameters() if p.requires_grad], before, [p.detach() for p in params]))
 
 
-def _align_setup(tmp_path, t5_folder: str | None = None):
+def _align_setup(tmp_path, comfy_root: str | None = None):
     """Tiny components with a UNet LoRA, the align conditioner (with a training TextAdapter on a tiny
-    T5 when ``t5_folder``, ComfyUI's, gives the T5 tokenizer) and a batch of 4 images."""
+    T5 when ``comfy_root`` is given: ComfyUI's folder, which holds the T5 tokenizer) and a batch of 4
+    images."""
     from trainer_helpers import make_image_folder
     from training.clip_text import TransformersClipBackend
     from training.conditioning import TextConditioner
@@ -106,10 +107,10 @@ def _align_setup(tmp_path, t5_folder: str | None = None):
         m.requires_grad_(False)
     add_lora(c.unet, 4, 4.0)
     branch = None
-    if t5_folder is not None:
+    if comfy_root is not None:
         from tiny_models import tiny_t5_encoder, tiny_text_adapter
 
-        branch = T5Branch(t5_tokenizer(os.path.join(t5_folder, "comfy", "text_encoders", "t5_tokenizer")),
+        branch = T5Branch(t5_tokenizer(os.path.join(comfy_root, "comfy", "text_encoders", "t5_tokenizer")),
                           tiny_t5_encoder().requires_grad_(False), tiny_text_adapter().train())
     conditioner = TextConditioner(TransformersClipBackend(c.tokenizer, c.text_encoder), 77, branch)
     dataset = ImageCaptionDataset(read_records(make_image_folder(str(tmp_path), n=4), need_images=True), 64)
