@@ -22,7 +22,7 @@ _PAD_CACHE_SIZE = 8
 
 
 class _LeadingPositions(torch.nn.Module):
-    """Stands in for a CLIP position embedding during one call: ``weight`` is a view of the first
+    """Stands in for a CLIP position embedding during one forward: ``weight`` is a view of the first
     ``length`` rows of the real table, so rows shorter than 77 tokens can be encoded."""
 
     def __init__(self, weight: torch.Tensor, length: int) -> None:
@@ -31,38 +31,55 @@ class _LeadingPositions(torch.nn.Module):
 
 
 @contextlib.contextmanager
-def _short_rows(embeddings: list[torch.nn.Module], length: int) -> Iterator[None]:
+def _short_rows(text_models: Sequence[torch.nn.Module], length: int) -> Iterator[None]:
     """Let ComfyUI's CLIP encode ``length``-token rows; the original modules are always restored.
 
     ComfyUI's CLIP adds its whole position table (77 rows) to the token embeddings. CLIP is causal,
     so positions before EOS do not depend on the padding after it: encoding a segment in a row cut
     right after its EOS gives the same kept rows as a full window, at a fraction of the cost.
+
+    The table is swapped inside each text model's forward (a pre-hook), so after ComfyUI's own
+    ``load_model`` in ``encode_from_tokens`` has patched and placed the weights: no extra load
+    (on a GPU, each load is a few host-side memory queries, 0.3-0.6 ms in bench/RESULTS.md run 1).
     """
-    originals = [m.position_embedding for m in embeddings]
+    swapped: dict[torch.nn.Module, torch.nn.Module] = {}
+
+    def swap(text_model: torch.nn.Module, _args) -> None:
+        embeddings = text_model.embeddings
+        swapped.setdefault(embeddings, embeddings.position_embedding)
+        embeddings.position_embedding = _LeadingPositions(swapped[embeddings].weight, length)
+
+    def restore(text_model: torch.nn.Module, _args, _output) -> None:
+        text_model.embeddings.position_embedding = swapped.pop(text_model.embeddings)
+
+    handles = [h for m in text_models
+               for h in (m.register_forward_pre_hook(swap), m.register_forward_hook(restore))]
     try:
-        for m, original in zip(embeddings, originals):
-            m.position_embedding = _LeadingPositions(original.weight, length)
         yield
     finally:
-        for m, original in zip(embeddings, originals):
-            m.position_embedding = original
+        for handle in handles:
+            handle.remove()
+        for embeddings, original in swapped.items():
+            embeddings.position_embedding = original
 
 
-_EMBEDDINGS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
-"""Per text-encoder model: its CLIPEmbeddings modules."""
+_TEXT_MODELS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
+"""Per CLIP model: its text models (the modules whose ``embeddings`` is a CLIPEmbeddings)."""
 _EMPTY: "weakref.WeakKeyDictionary[object, dict]" = weakref.WeakKeyDictionary()
 """Per tokenizer: ``clip.tokenize("")``."""
 EMBEDDING_PREFIX = "embedding:"
 """ComfyUI's prompt syntax for a textual-inversion embedding."""
 
 
-def _embeddings(clip) -> tuple:
-    """The text encoders' CLIPEmbeddings modules (found once per model)."""
+def _text_models(clip) -> tuple:
+    """The modules that add ComfyUI's CLIP position table in their forward (found once per model)."""
     model = clip.cond_stage_model
-    if model not in _EMBEDDINGS:
-        _EMBEDDINGS[model] = tuple(m for m in model.modules()
-                                   if type(m).__name__ == "CLIPEmbeddings" and hasattr(m, "position_embedding"))
-    return _EMBEDDINGS[model]
+    if model not in _TEXT_MODELS:
+        _TEXT_MODELS[model] = tuple(
+            m for m in model.modules()
+            if type(getattr(m, "embeddings", None)).__name__ == "CLIPEmbeddings"
+            and hasattr(m.embeddings, "position_embedding"))
+    return _TEXT_MODELS[model]
 
 
 def _empty_prompt(clip, cached: bool) -> dict:
@@ -104,7 +121,7 @@ class ComfyClipBackend:
                 f"this CLIP has text encoders {sorted(keys)}"
             )
         self.keys = sorted(keys, key=lambda k: k != "l")  # masks read from 'l' when present
-        self._embeddings = _embeddings(clip)
+        self._text_models = _text_models(clip)
         first = self._empty[self.keys[0]][0]
         self.window = len(first)
         self.end_token = first[1][0]
@@ -159,11 +176,10 @@ class ComfyClipBackend:
         return out
 
     def encode(self, rows: Sequence[SegmentRow], length: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if length >= self.window or not self._embeddings:
+        if length >= self.window or not self._text_models:
             length, shorten = self.window, contextlib.nullcontext()
         else:
-            self.clip.load_model()  # weights patched and placed before the swap, not during it
-            shorten = _short_rows(self._embeddings, length)
+            shorten = _short_rows(self._text_models, length)
         merged = {k: [row.payload[k][:length] for row in rows] for k in self.keys}
         with shorten:
             out = self.clip.encode_from_tokens(merged, return_pooled=True, return_dict=True)

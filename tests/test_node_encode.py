@@ -110,6 +110,42 @@ def test_short_rows_leave_comfyui_clip_as_it_was_even_on_error(pack, tiny_clip_p
     assert _position_modules(clip) == before
 
 
+def test_node_loads_the_clip_as_often_as_the_stock_node(node, tiny_clip_pair, monkeypatch):
+    import comfy.model_management
+
+    _, clip = tiny_clip_pair
+    node.encode(clip, LONG, "sentences", 240, "mean", True)  # the pad embedding: once per CLIP patch set
+    loads = []
+    original = comfy.model_management.load_model_gpu
+    monkeypatch.setattr(comfy.model_management, "load_model_gpu", lambda m: loads.append(m) or original(m))
+    stock_encode(clip, LONG)
+    stock_loads = len(loads)
+    loads.clear()
+    node.encode(clip, LONG, "sentences", 240, "mean", True)
+    assert stock_loads >= 1
+    assert len(loads) == stock_loads
+
+
+def test_short_rows_use_comfyui_patched_position_table(pack, tiny_clip_pair):
+    """The table is cut inside the forward, after ComfyUI has applied the patches: a patch on the
+    position table moves the short rows exactly as it moves full windows."""
+    _, clip = tiny_clip_pair
+    patched = clip.clone()
+    key = "clip_l.transformer.text_model.embeddings.position_embedding.weight"
+    patched.add_patches({key: (torch.randn(77, 768, generator=torch.Generator().manual_seed(1)),)}, 1.0)
+    backend_cls = pack.nodes.comfy_clip.ComfyClipBackend
+    results = []
+    for c in (clip, patched):
+        backend = backend_cls(c)
+        rows = backend.tokenize("a red fox in the snow.")
+        end = rows[0].end
+        short, _ = backend.encode(rows, end + 1)
+        full, _ = backend.encode(rows, backend.window)
+        torch.testing.assert_close(short[:, :end], full[:, :end], atol=1e-5, rtol=1e-5)
+        results.append(short[:, :end])
+    assert (results[0] - results[1]).abs().max() > 1e-2
+
+
 def test_pad_embedding_cache_follows_the_clip_weights(pack, tiny_clip_pair):
     from training.encode import pad_embedding
 
