@@ -376,6 +376,27 @@ def test_20_steps_lower_the_total_loss(comat_run, trained_blip_folder):
     assert after < before, (before, after)
 
 
+def test_comat_trains_with_the_lcm_sampler(tmp_path, blip_folder):
+    """CoMat's losses on LCM's 4 unguided steps (``--sampler lcm``): the one loop, the attention capture
+    and the discriminator work without the CFG half of the batch."""
+    from safetensors.torch import load_file
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(TRAIN_PROMPTS) + "\n")
+    out = str(tmp_path / "run")
+    run_stage("reward", *ARGS[:ARGS.index("--sampling.steps")], "--sampler", "lcm", "--captioner", blip_folder,
+              "--data.path", str(prompts), "--data.batch_size", "2", "--run.max_steps", "2", "--run.save_every", "0",
+              "--run.output_dir", out)
+    with open(os.path.join(out, "config.json"), encoding="utf-8") as f:
+        sampling = json.load(f)["sampling"]
+    assert (sampling["sampler"], sampling["steps"], sampling["guidance"]) == ("lcm", 4, 0.0)
+    logged = metrics(out)
+    assert [m["step"] for m in logged] == [1, 2]
+    assert all(torch.isfinite(torch.tensor(m[k])) for m in logged for k in ("loss", "concept", "token", "g_adv", "d_loss"))
+    assert all(m["grad_norm"] > 0 for m in logged)
+    assert load_file(os.path.join(out, "lora_weights.safetensors"))
+
+
 def test_comat_defaults_are_the_papers():
     from training.config import build_parser, resolve
 
