@@ -39,30 +39,28 @@ def normalize_prompt(text: str) -> str:
     return _WHITESPACE.sub(" ", text).strip()
 
 
-def _units(text: str) -> Iterator[tuple[int, int, int]]:
-    """Yield ``(start, end, depth_after)`` for each character run, tracking ``( )`` nesting.
+def _scanner(separator: str) -> re.Pattern:
+    """A pattern matching an escaped character (ComfyUI's ``\\(`` literal-bracket syntax: never a
+    separator or bracket), a bracket, or ``separator``."""
+    return re.compile(r"\\.|[()]|" + separator, re.DOTALL)
 
-    Escaped brackets ``\\(`` and ``\\)`` (ComfyUI's literal-bracket syntax) do not nest.
-    """
+
+_SENTENCE_ENDS = _scanner("[" + re.escape(SENTENCE_MARKS) + r"](?=\s|[" + re.escape(SENTENCE_MARKS) + r"]|$)")
+"""A sentence mark that ends a word."""
+_SPACES = _scanner(" ")
+
+
+def _top_level(text: str, scanner: re.Pattern) -> Iterator[re.Match]:
+    """The separators ``scanner`` finds in ``text`` outside ``( )`` weighting groups."""
     depth = 0
-    i = 0
-    while i < len(text):
-        ch = text[i]
-        if ch == "\\" and i + 1 < len(text):
-            yield i, i + 2, depth
-            i += 2
-            continue
-        if ch == "(":
+    for match in scanner.finditer(text):
+        found = match.group()
+        if found == "(":
             depth += 1
-        elif ch == ")" and depth > 0:
-            depth -= 1
-        yield i, i + 1, depth
-        i += 1
-
-
-_SPLIT_POINTS = re.compile(r"\\.|[()]|[" + re.escape(SENTENCE_MARKS) + r"](?=\s|[" + re.escape(SENTENCE_MARKS) + r"]|$)",
-                           re.DOTALL)
-"""An escaped character (never a split point or bracket), a bracket, or a sentence mark that ends a word."""
+        elif found == ")":
+            depth = max(depth - 1, 0)
+        elif not found.startswith("\\") and depth == 0:
+            yield match
 
 
 def split_sentences(text: str) -> list[str]:
@@ -73,16 +71,10 @@ def split_sentences(text: str) -> list[str]:
     """
     text = normalize_prompt(text)
     pieces: list[str] = []
-    start = depth = 0
-    for match in _SPLIT_POINTS.finditer(text):
-        found = match.group()
-        if found == "(":
-            depth += 1
-        elif found == ")":
-            depth = max(depth - 1, 0)
-        elif found in SENTENCE_MARKS and depth == 0:
-            pieces.append(text[start:match.start()])
-            start = match.end()
+    start = 0
+    for match in _top_level(text, _SENTENCE_ENDS):
+        pieces.append(text[start:match.start()])
+        start = match.end()
     pieces.append(text[start:])
     segments = [p.strip() + "." for p in pieces if p.strip(" " + SENTENCE_MARKS)]
     return segments or [text]
@@ -92,11 +84,10 @@ def _words(segment: str) -> list[str]:
     """Whitespace-separated words, with a bracketed weighting group kept as one word."""
     words: list[str] = []
     start = 0
-    for i, end, depth in _units(segment):
-        if segment[i] == " " and depth == 0:
-            if i > start:
-                words.append(segment[start:i])
-            start = end
+    for match in _top_level(segment, _SPACES):
+        if match.start() > start:
+            words.append(segment[start:match.start()])
+        start = match.end()
     if start < len(segment):
         words.append(segment[start:])
     return words
