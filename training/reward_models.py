@@ -22,6 +22,7 @@ import torch
 from transformers import CLIPTokenizer
 
 from .clip_text import CLIP_WINDOW, clip_tokenizer
+from .folder_walk import walk_folder
 from .safe_io import (PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, ModelFileError, load_json_object, load_pretrained_folder,
                       load_tensors)
 from .transfer import to_device
@@ -256,7 +257,7 @@ def list_reward_models(root: str) -> list[str]:
     entries: list[str] = []
     if not os.path.isdir(root):
         return entries
-    for folder, dirs, files in os.walk(root, followlinks=True):
+    for folder, dirs, files in walk_folder(root):  # bounded: link loops and huge trees cannot hang a listing
         rel = os.path.relpath(folder, root)
         if rel != "." and ("config.json" in files or "open_clip_config.json" in files):
             entries.append(rel)
