@@ -1,6 +1,7 @@
 """The LongSD reference LoRA list format: order, shapes, names, merging through ComfyUI, bad files."""
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import subprocess
@@ -11,8 +12,9 @@ import torch
 from safetensors import safe_open
 
 from tiny_models import TINY_UNET_CONFIG, reference_lora_list, reference_lora_targets, tiny_unet
+from training import lora_format
 from training.lora_format import (
-    list_from_named, load_reference_lora, lora_layers, sd15_unet_config, unet_config_from_ldm,
+    list_from_named, load_reference_lora, lora_layers, sd15_reference_order, sd15_unet_config, unet_config_from_ldm,
 )
 from training.safe_io import ModelFileError
 
@@ -59,6 +61,71 @@ def test_sd15_order_is_the_reference_walk_224_layers():
     assert not any(n.endswith(("proj_in", "proj_out", "ff.net.2")) for n in names)  # not targets (SPEC §4)
     first_up = next(i for i, layer in enumerate(layers) if layer.name.startswith("up_blocks"))
     assert layers[first_up - 1].name == "down_blocks.3.resnets.1.conv2"
+
+
+def test_the_shipped_sd15_table_is_the_rebuild_from_the_shipped_config():
+    """The fixed table (training/assets/sd15_lora_order.json) equals, name by name and shape by shape,
+    what the installed diffusers rebuilds from training/configs/sd15/unet, and is what lora_layers gives."""
+    table = sd15_reference_order()
+    rebuilt = lora_format._layers_for(json.dumps(sd15_unet_config(), sort_keys=True, default=list))
+    assert len(table) == 224 and table == rebuilt
+    assert lora_layers() is table and lora_layers(unet_config_from_ldm(SD15_LDM)) is table
+    with open(lora_format.SD15_ORDER_FILE, encoding="utf-8") as f:
+        assert [name for name, _ in json.load(f)["layers"]] == [layer.name for layer in rebuilt]
+
+
+SD15_LDM = {"model_channels": 320, "channel_mult": [1, 2, 4, 4], "num_res_blocks": [2, 2, 2, 2],
+            "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "transformer_depth_middle": 1, "context_dim": 768,
+            "num_heads": 8}
+
+
+def _sd15_list(seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=g).half() for layer in sd15_reference_order() for shape in layer.lora_shapes(1)]
+
+
+def test_a_reordered_rebuild_is_detected_and_the_shipped_order_is_used(monkeypatch, tmp_path):
+    """A diffusers release that registered attn1's to_k before to_q (equal shapes: no shape check can
+    see it) would put LongSD's to_q weights on to_k; the table catches it and keeps the reference order."""
+    table = sd15_reference_order()
+    swapped = list(table)
+    swapped[0], swapped[1] = swapped[1], swapped[0]  # ...attn1.to_q <-> ...attn1.to_k, both (320, 320)
+    assert swapped[0].weight_shape == swapped[1].weight_shape
+    monkeypatch.setattr(lora_format, "_layers_for", lambda config_json: tuple(swapped))
+    with pytest.warns(UserWarning, match=r"another order .*layer 0: .*attn1\.to_k, expected .*attn1\.to_q"):
+        layers = lora_layers(unet_config_from_ldm(SD15_LDM))
+    assert layers == table
+    tensors = _sd15_list()
+    torch.save(tensors, tmp_path / "s28750_lora_vis.pt")
+    with pytest.warns(UserWarning, match="another order"):
+        named = load_reference_lora(str(tmp_path / "s28750_lora_vis.pt"))
+    stem = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1"
+    assert torch.equal(named[f"{stem}_to_q.lora_up.weight"], tensors[0])  # up_0 is to_q's, as LongSD saved it
+    assert torch.equal(named[f"{stem}_to_k.lora_up.weight"], tensors[2])
+
+
+def test_a_rebuild_with_other_layers_is_not_the_table():
+    """Only exactly SD1.5's layers get the table: the tiny UNet and SDXL keep their rebuilt layers."""
+    for config in (TINY_UNET_CONFIG, SDXL_UNET_CONFIG):
+        layers = lora_layers(config)
+        assert layers == lora_format._layers_for(json.dumps(dict(config), sort_keys=True, default=list))
+        assert len(layers) != 224
+
+
+@pytest.mark.parametrize("damage", ["short", "duplicate", "shape"])
+def test_a_damaged_table_is_refused(tmp_path, damage):
+    with open(lora_format.SD15_ORDER_FILE, encoding="utf-8") as f:
+        data = json.load(f)
+    if damage == "short":
+        data["layers"].pop()
+    elif damage == "duplicate":
+        data["layers"][1] = data["layers"][0]
+    else:
+        data["layers"][5][1] = [320]
+    path = tmp_path / "order.json"
+    path.write_text(json.dumps(data), encoding="utf-8")
+    with pytest.raises(RuntimeError, match="expected 224 distinct layers"):
+        sd15_reference_order(str(path))
 
 
 def test_comfyui_detected_configs_give_the_same_layers(comfy, tiny_sd15_checkpoint):

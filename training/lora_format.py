@@ -14,7 +14,11 @@ conv_shortcuts; 144 in the 16 transformer blocks: to_q, to_k, to_v, to_out.0 of 
 the GEGLU's proj). Because diffusers registers ``down_blocks``, ``up_blocks`` and then ``mid_block``,
 and inside a block its ``attentions`` before its ``resnets``, the order is not the forward order:
 it can only be rebuilt from the architecture, which is why the diffusers UNet is built here from its
-config on the meta device (no weights, no download).
+config on the meta device (no weights, no download). For SD1.5, the only architecture LongSD's files
+are made for, the order is not left to the installed diffusers: it is shipped as a fixed table,
+``assets/sd15_lora_order.json`` (224 names and weight shapes), and the rebuild is checked against
+it: same layers in another order -> the table's order is used and a warning names the first
+difference; a rebuild whose names and shapes are those of SD1.5 always gets the table.
 
 Shapes, for a layer with weight ``W`` and rank ``r``:
   Linear ``W (out, in)``:        up ``(out, r)``, down ``(r, in)``
@@ -31,6 +35,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Mapping, Sequence
@@ -45,6 +50,8 @@ TARGET_MODULE_CLASSES = frozenset({"ResnetBlock2D", "Attention", "CrossAttention
 REFERENCE_RANK = 32
 KOHYA_PREFIX = "lora_unet_"
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+SD15_ORDER_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "sd15_lora_order.json")
+SD15_LAYER_COUNT = 224
 
 
 @dataclass(frozen=True)
@@ -134,10 +141,43 @@ def _layers_for(config_json: str) -> tuple[LoraLayer, ...]:
     return tuple(layers)
 
 
+@lru_cache(maxsize=1)
+def sd15_reference_order(path: str = SD15_ORDER_FILE) -> tuple[LoraLayer, ...]:
+    """The SD1.5 target layers in LongSD's order, from the shipped table (checked: 224 distinct names,
+    each with a 2-d or 4-d weight shape)."""
+    with open(path, encoding="utf-8") as f:
+        rows = json.load(f)["layers"]
+    layers = tuple(LoraLayer(str(name), tuple(int(n) for n in shape)) for name, shape in rows)
+    if len(layers) != SD15_LAYER_COUNT or len({layer.name for layer in layers}) != SD15_LAYER_COUNT or any(
+        len(layer.weight_shape) not in (2, 4) for layer in layers
+    ):
+        raise RuntimeError(f"{path}: expected {SD15_LAYER_COUNT} distinct layers with 2-d or 4-d weight shapes, "
+                           f"found {len(layers)} rows ({len({layer.name for layer in layers})} distinct names); "
+                           "the pack's files are damaged: reinstall it")
+    return layers
+
+
+def checked_against_sd15(rebuilt: Sequence[LoraLayer]) -> tuple[LoraLayer, ...]:
+    """``rebuilt`` itself, or the shipped SD1.5 table when ``rebuilt`` holds exactly its layers (names
+    and shapes); a rebuild that holds them in another order (a diffusers release that registers
+    modules differently) is warned about, since the shape checks cannot see a swap of equal shapes."""
+    table = sd15_reference_order()
+    if {layer.name: layer.weight_shape for layer in rebuilt} != {layer.name: layer.weight_shape for layer in table}:
+        return tuple(rebuilt)
+    if tuple(rebuilt) != table:
+        i = next(i for i, (a, b) in enumerate(zip(rebuilt, table)) if a != b)
+        warnings.warn(
+            f"the installed diffusers registers the SD1.5 UNet's LoRA layers in another order than LongSD's "
+            f"(layer {i}: {rebuilt[i].name}, expected {table[i].name}); using the shipped order "
+            f"({os.path.basename(SD15_ORDER_FILE)})", stacklevel=3)
+    return table
+
+
 def lora_layers(unet_config: Mapping[str, Any] | None = None) -> tuple[LoraLayer, ...]:
-    """The target layers of a diffusers UNet config (default SD1.5), in reference order (cached)."""
+    """The target layers of a diffusers UNet config (default SD1.5), in reference order (cached);
+    SD1.5's order comes from the shipped table (:func:`checked_against_sd15`)."""
     config = sd15_unet_config() if unet_config is None else dict(unet_config)
-    return _layers_for(json.dumps(config, sort_keys=True, default=list))
+    return checked_against_sd15(_layers_for(json.dumps(config, sort_keys=True, default=list)))
 
 
 def _shape(t: torch.Tensor) -> tuple[int, ...]:
