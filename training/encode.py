@@ -58,7 +58,7 @@ class TextEncoderBackend(Protocol):
 
     def encode(self, rows: Sequence[SegmentRow], length: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Hidden states ``(len(rows), T, D)`` with ``T >= length``, and the pooled output ``(1, P)`` of
-        the first row (ComfyUI's convention), or None.
+        the first row (ComfyUI's convention), or ``(len(rows), P)`` of every row, or None.
 
         Every row is padded to at least ``length`` positions; a backend may use more (ComfyUI's CLIP
         always runs full windows), which changes nothing before EOS (the encoder is causal).
@@ -95,7 +95,7 @@ class LongPromptEncoding:
     """(B, L, D) conditioning; with L = 0 and pad 'none', (B, max kept, D) only when all are equal."""
     pooled: torch.Tensor | None
     """(1, P): the pooled output of the first prompt's first segment (ComfyUI's convention, used by
-    SDXL), or None."""
+    SDXL), or, from a backend that pools every row, (B, P): each prompt's first segment's; or None."""
     segments: list[list[str]] = field(default_factory=list)
     """The segment texts of each prompt that were encoded (those starting past L are not)."""
     kept_tokens: list[int] = field(default_factory=list)
@@ -224,4 +224,6 @@ def encode_long_prompts(
             f"prompts encode to different lengths {[c.shape[0] for c in conds]}: a batch needs "
             "token_length > 0 with pad 'mean'"
         )
+    if pooled is not None and pooled.shape[0] == len(rows) > 1:  # one per row: each prompt's first row
+        pooled = pooled[[i for i, (_, first) in enumerate(owners) if first]]
     return LongPromptEncoding(torch.stack(conds), pooled, segments, kept_tokens)
