@@ -27,7 +27,8 @@ from trainer_helpers import SMALL_ARGS, make_image_folder, metrics, stage_comman
 from training import config as config_mod
 from training import trainer as trainer_mod
 from training.safe_io import ModelFileError, atomic_open, load_tensors, save_tensors
-from training.stages import DESCRIPTIONS, build_align
+from training.cli import DESCRIPTIONS
+from training.stages import build_align
 from training.trainer import CHECKPOINTS, LORA_FILE, STATE_FILE, TrainingError, latest_checkpoint, train
 
 RUN_ARGS = ["--data.batch_size", "2", "--data.resolution", "32", "--run.grad_accum", "1", "--optim.lr", "1e-3",
@@ -137,7 +138,7 @@ def save_file(tensors, path, metadata=None):
             f.truncate(os.path.getsize(path) // 2)
         os.kill(os.getpid(), signal.SIGKILL)
 safe_io.save_file = save_file
-from training.stages import main
+from training.cli import main
 sys.exit(main("align", sys.argv[1:]))
 """
 

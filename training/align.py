@@ -1,7 +1,7 @@
 """``python -m training.align``: LongAlign's long-text alignment stage (see ``--help``)."""
 import sys
 
-from .stages import main
+from .cli import main
 
 if __name__ == "__main__":
     sys.exit(main("align"))

@@ -1,8 +1,10 @@
 """The trainer's configuration: one dataclass tree, read from YAML/TOML, overridden from the
 command line, printed resolved.
 
-Every field carries its help text; ``--help`` lists them all as ``--section.field`` options. A
-config file or override with a key that does not exist is refused with the key's name.
+Every field carries its help text; ``--help`` lists the sections the stage reads (:data:`STAGE_SECTIONS`),
+one group each, as ``--section.field`` options. A config file or override with a key that does not
+exist, or of a section the run does not read, is refused with the key's name. Standard library only:
+the command line answers before torch is imported.
 """
 from __future__ import annotations
 
@@ -70,6 +72,8 @@ class DataConfig:
     resolution: int = opt(512, "training resolution (square)")
     caption_dropout: float = opt(0.1, "probability of replacing a caption by the empty prompt (align)")
     num_workers: int = opt(0, "data loader workers")
+    max_image_pixels: int = opt(89_478_485, "images with more pixels (width x height) are skipped and counted, never "
+                                            "decoded (PIL's decompression-bomb guard; default: PIL's limit)")
 
 
 @dataclass
@@ -160,11 +164,16 @@ class RunConfig:
     gradient_checkpointing: bool = opt(False, "diffusers gradient checkpointing in the UNet")
     save_every: int = opt(500, "checkpoint (accelerate save_state) every N steps")
     keep_checkpoints: int = opt(2, "complete checkpoints kept on disk")
-    validate_every: int = opt(150, "validation images every N steps (align); 0 disables")
+    validate_every: int | Literal["auto"] = opt(
+        "auto", "validation images (fixed prompts and seeds) every N steps; 0 disables; auto: every 150 steps on a "
+        "GPU, none on the CPU")
     validation_prompts: list = opt([], "prompts for validation images (default: the first captions of the data)")
     log_every: int = opt(10, "scalars to TensorBoard every N steps")
     log_with: Literal["tensorboard", "none"] = opt("tensorboard", "experiment tracker")
-    resume: bool = opt(False, "continue from the latest complete checkpoint in output_dir")
+    resume: bool | str = opt(False, "true: continue from the latest complete checkpoint in output_dir; a path: from "
+                                    "that checkpoint folder (checkpoints/step-N); refused if it belongs to another run")
+    overwrite: bool = opt(False, "a new run into an output_dir holding another run's checkpoints deletes them "
+                                 "(checkpoints/step-*; nothing else) instead of being refused")
     device: Literal["auto", "cpu"] = opt("auto", "cpu forces the CPU even with a GPU present")
     mode: Literal["fast", "reference"] = opt("fast", "fast: merged-weight no-grad calls, per-block checkpointing, chunked decode, fused AdamW; reference: the reference's own way (for comparison; same method, same numbers)")
     cache_gb: float = opt(4.0, "fast mode, align: memory for cached VAE latents and text conditionings (frozen encoders run once per image/caption)")
@@ -187,7 +196,7 @@ class TrainConfig:
 
 STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
     "align": {"data.batch_size": 16, "run.grad_accum": 2, "run.epochs": 2, "run.save_every": 1250},
-    "reward": {"data.batch_size": 8, "run.epochs": 1, "run.save_every": 500, "run.validate_every": 0},
+    "reward": {"data.batch_size": 8, "run.epochs": 1, "run.save_every": 500},
     "lcm": {"data.batch_size": 16, "run.epochs": 1, "run.save_every": 500, "run.validate_every": 0,
             "data.caption_dropout": 0.0},
 }
@@ -242,8 +251,13 @@ def _coerce(key: str, hint: Any, value: Any) -> Any:
             raise ConfigError(f"{key}: {value!r} is not one of {list(args)}")
         return value
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        inner = [a for a in args if a is not type(None)][0]
-        return _coerce(key, inner, value)
+        inner = [a for a in args if a is not type(None)]
+        for member in inner[:-1]:  # the first member the value fits (bool | str: "true" is True, a path a str)
+            try:
+                return _coerce(key, member, value)
+            except ConfigError:
+                pass
+        return _coerce(key, inner[-1], value)
     if hint is bool:
         if isinstance(value, str):
             if value.lower() in ("1", "true", "yes", "on"):
@@ -318,9 +332,60 @@ def read_config_file(path: str) -> dict[str, Any]:
     return _flatten(data)
 
 
+SECTION_HELP: dict[str, str] = {
+    "model": "models, from local paths only",
+    "lora": "the UNet LoRA that trains",
+    "optim": "optimizer (AdamW) and learning-rate schedule",
+    "data": "training data",
+    "sampling": "the differentiable sampling loop",
+    "textcraftor": "TextCraftor: used with --objective textcraftor",
+    "comat": "CoMat: used with --objective comat",
+    "lcm": "latent consistency: the lcm stage, and reward with --sampler lcm",
+    "run": "output folder, length, precision, checkpoints, validation, logging",
+}
+"""The title line of each section's group in ``--help``."""
+
+STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
+    "align": ("model", "lora", "optim", "data", "run"),
+    "reward": ("model", "lora", "optim", "data", "sampling", "textcraftor", "comat", "lcm", "run"),
+    "lcm": ("model", "lora", "optim", "data", "lcm", "run"),
+}
+"""The sections each stage reads, and its ``--help`` lists. ``reward`` reads ``textcraftor`` and
+``comat`` only with that objective, and ``lcm`` only with ``--sampler lcm`` (:func:`used_sections`)."""
+
+OBJECTIVE_SECTIONS = {"textcraftor": "textcraftor", "comat": "comat"}
+SAMPLER_SECTIONS = {"lcm": "lcm"}
+
+
+def used_sections(stage: str, objective: str = "longalign", sampler: str = "ddim") -> tuple[str, ...]:
+    """The config sections a run of ``stage`` with this objective and sampler reads."""
+    unused = {s for name, s in OBJECTIVE_SECTIONS.items() if name != objective}
+    unused |= {s for name, s in SAMPLER_SECTIONS.items() if name != sampler}
+    return tuple(s for s in STAGE_SECTIONS[stage] if stage != "reward" or s not in unused)
+
+
+def check_sections(stage: str, keys: typing.Iterable[str], objective: str, sampler: str) -> None:
+    """Refuse a setting (file or command line) of a section this run does not read, naming it."""
+    used = used_sections(stage, objective, sampler)
+    for key in keys:
+        section = key.split(".")[0]
+        if "." not in key or section in used or section not in SECTION_HELP:
+            continue
+        if section in STAGE_SECTIONS[stage]:
+            when = next((f"--objective {o}" for o, s in OBJECTIVE_SECTIONS.items() if s == section), None)
+            when = when or next(f"--sampler {n}" for n, s in SAMPLER_SECTIONS.items() if s == section)
+            raise ConfigError(f"{key}: the {section} section is read only with {when} (this run: objective "
+                              f"{objective!r}, sampler {sampler!r})")
+        raise ConfigError(f"{key}: `training.{stage}` does not use the {section} section (it reads "
+                          f"{', '.join(used)})")
+
+
 def build_parser(stage: str, description: str) -> argparse.ArgumentParser:
+    """The stage's command line: general options, then one group per section the stage reads.
+    Options of the other sections are accepted but hidden, for :func:`resolve` to refuse by name."""
     parser = argparse.ArgumentParser(
         prog=f"python -m training.{stage}", description=description,
+        usage="%(prog)s [-h] [--config FILE] [--tiny] [--resume] [--SECTION.OPTION V ...]",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--config", help="YAML or TOML config file; command-line options override it")
@@ -334,6 +399,7 @@ def build_parser(stage: str, description: str) -> argparse.ArgumentParser:
     defaults = TrainConfig(stage=stage)
     for key, value in STAGE_DEFAULTS[stage].items():
         set_value(defaults, key, value)
+    groups = {s: parser.add_argument_group(s, SECTION_HELP[s]) for s in STAGE_SECTIONS[stage]}
     for key, hint, f in _sections(defaults):
         if key == "stage":
             continue
@@ -341,8 +407,10 @@ def build_parser(stage: str, description: str) -> argparse.ArgumentParser:
         for part in key.split("."):
             current = getattr(current, part)
         choices = list(get_args(hint)) if get_origin(hint) is Literal else None
-        parser.add_argument(f"--{key}", default=argparse.SUPPRESS, metavar="V" if not choices else None,
-                            choices=choices, help=f"{f.metadata['help']} (default: {current!r})")
+        group = groups.get(key.split(".")[0])
+        (group or parser).add_argument(
+            f"--{key}", default=argparse.SUPPRESS, metavar="V" if not choices else None, choices=choices,
+            help=f"{f.metadata['help']} (default: {current!r})" if group else argparse.SUPPRESS)
     return parser
 
 
@@ -373,6 +441,8 @@ def resolve(stage: str, args: argparse.Namespace) -> TrainConfig:
             raise ConfigError(f"{key} = {name!r} belongs to the reward stage, this is `training.{stage}`")
         for k, v in table[name].items():
             set_value(cfg, k, v)
+    chosen = {**file_values, **cli}
+    check_sections(stage, chosen, chosen.get("sampling.objective", "longalign"), chosen.get("sampling.sampler", "ddim"))
     for key, value in file_values.items():
         set_value(cfg, key, value)
     if getattr(args, "tiny", False):
@@ -380,7 +450,8 @@ def resolve(stage: str, args: argparse.Namespace) -> TrainConfig:
             set_value(cfg, key, value)
     for key, value in cli.items():
         set_value(cfg, key, value)
-    cfg.run.resume = cfg.run.resume or getattr(args, "resume", False)
+    if getattr(args, "resume", None) not in (None, False):  # --resume: True (the latest) or a checkpoint path
+        cfg.run.resume = args.resume
     if getattr(args, "mode", None):
         cfg.run.mode = args.mode
     return cfg

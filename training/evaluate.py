@@ -146,27 +146,40 @@ def write_table(table: dict, path: str) -> None:
         f.write(text)
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's default in ``--help``; a required option says so instead."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        return f"{action.help} (required)" if action.required else super()._get_help_string(action)
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, help="reward model folder or checkpoint (local)")
-    p.add_argument("--kind", required=True, choices=REWARD_KINDS)
+    p = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__.split("\n\n")[0],
+                                formatter_class=_HelpFormatter)
+    p.add_argument("--model", required=True, help="reward model folder or checkpoint (local; nothing is downloaded)")
+    p.add_argument("--kind", required=True, choices=REWARD_KINDS,
+                   help="what --model is: denscore/pickscore (transformers CLIPModel folder), hpsv2/clip (open_clip)")
     p.add_argument("--architecture", default="ViT-H-14", help="open_clip architecture or JSON config (single-file hpsv2/clip)")
     p.add_argument("--prompts", required=True, help=".txt (one per line), .jsonl or .csv (caption[, path])")
-    p.add_argument("--images", required=True, help="folder of images")
+    p.add_argument("--images", required=True, help="folder of images (named by prompt index without a path column)")
     p.add_argument("--out", action="append", required=True, help=".csv or .json; may be repeated")
     p.add_argument("--w", type=float, default=REFERENCE_W, help="weight of the text-irrelevant part (paper: 0.3)")
-    p.add_argument("--direction", choices=DIRECTION_SOURCES, default="builtin")
+    p.add_argument("--direction", choices=DIRECTION_SOURCES, default="builtin",
+                   help="where the common direction v comes from: the model's built-in one, the prompts of this "
+                        "file (batch), or --reference")
     p.add_argument("--reference", default=None, help="reference prompt file for --direction reference")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=16, help="images scored at a time")
     p.add_argument("--scale", type=float, default=1.0, help="multiply scores (100 for the paper's tables)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=DTYPES, default="fp32")
+    p.add_argument("--device", default="auto", help="torch device, e.g. cpu or cuda:1; auto: cuda when available")
+    p.add_argument("--dtype", choices=DTYPES, default="fp32", help="reward model precision")
     args = p.parse_args(argv)
     for out in args.out:
         if not out.lower().endswith((".csv", ".json")):
             p.error(f"--out {out!r}: expected a .csv or .json file name")
     if args.batch_size < 1:
         p.error("--batch-size must be >= 1")
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     return args
 
 

@@ -1,7 +1,7 @@
 """``python -m training.reward``: LongAlign's decomposed-preference reward stage (see ``--help``)."""
 import sys
 
-from .stages import main
+from .cli import main
 
 if __name__ == "__main__":
     sys.exit(main("reward"))

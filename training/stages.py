@@ -1,44 +1,24 @@
-"""The stages' command lines: ``python -m training.align`` and ``python -m training.reward``."""
+"""What each stage trains: the builders the trainer loop runs (the command lines are in :mod:`.cli`)."""
 from __future__ import annotations
-
-import sys
 
 import torch
 
 from . import config as config_mod
-from .config import ConfigError, TrainConfig
-from .data import DataError, read_records
+from .config import TrainConfig
+from .data import read_records
 from .feature_cache import FeatureCache
+from .models import model_family
 from .denoisers import CheckpointedUNet, MergedShadowUNet
 from .objectives.align import AlignObjective
 from .objectives.reward import RewardObjective
 from .safe_io import ModelFileError
 from .sampling import DDIM, LCM
-from .trainer import Run, TrainingError, base_model_hash, train
+from .trainer import Run, base_model_hash
 from .validation import validation_images
-
-DESCRIPTIONS = {
-    "align": "LongAlign stage 1: long-text alignment of an SD1.5 UNet LoRA (diffusion loss, segment-level "
-             "text encoding). Defaults reproduce the paper (SPEC §4).",
-    "reward": "LongAlign stage 2: decomposed preference optimisation through the differentiable DDIM "
-              "sampler (50 steps, K = 5 gradient calls, CFG 7.5, w = 0.3). Needs prompts only. --objective "
-              "textcraftor, --objective comat and --sampler lcm (reward_lcm) share the same loop.",
-    "lcm": "Latent consistency distillation of the (aligned) SD1.5 teacher into a LoRA student (Huber loss, "
-           "DDIM solver 50 steps, c_skip/c_out with sigma_data 0.5 and timestep scaling 10; SPEC §4). Sample with "
-           "4 LCM steps, CFG off (ComfyUI: LoraLoader + ModelSamplingDiscrete lcm + KSampler lcm, cfg 1).",
-}
-
 
 def build_align(cfg: TrainConfig, components, accelerator, dtype, conditioner) -> Run:
     if cfg.run.gradient_checkpointing:
         accelerator.unwrap_model(components.unet).enable_gradient_checkpointing()
-    prompts = cfg.run.validation_prompts or [r.caption for r in read_records(cfg.data.path, need_images=True)[:4]]
-    resolution = cfg.data.resolution
-
-    def validate():
-        return validation_images(accelerator.unwrap_model(components.unet), components.vae, components.scheduler,
-                                 conditioner, prompts, resolution, dtype, cfg.run.seed)
-
     t5 = conditioner.t5  # with a T5 branch, align trains its TextAdapter beside the UNet LoRA (reference)
 
     def adopt(modules):
@@ -49,8 +29,28 @@ def build_align(cfg: TrainConfig, components, accelerator, dtype, conditioner) -
     cache = FeatureCache(int(cfg.run.cache_gb * 2**30)) if fast and cfg.run.cache_gb > 0 else None
     unet = torch.compile(components.unet, dynamic=False) if fast and _compiled(cfg, accelerator) else components.unet
     return Run(AlignObjective(unet, components.vae, components.scheduler, conditioner,
-                              cfg.data.caption_dropout, dtype, cache), validate=validate,
-               extra_modules=[t5.adapter] if t5 else [], adopt=adopt)
+                              cfg.data.caption_dropout, dtype, cache),
+               extra_modules=[t5.adapter] if t5 else [], adopt=adopt,
+               **_validation(cfg, components, accelerator, dtype, conditioner))
+
+
+def _validation(cfg: TrainConfig, components, accelerator, dtype, conditioner) -> dict:
+    """The :class:`Run`'s ``validate`` and ``validation_prompts`` (none when ``run.validate_every`` is 0):
+    ``run.validation_prompts`` or the first four captions, from noise seeded by ``run.seed`` every time.
+    The reward stage's LCM sampler samples with its own solver, steps and guidance; the rest with DDIM 25, CFG 7.5."""
+    if not cfg.run.validate_every:
+        return {}
+    prompts = cfg.run.validation_prompts or [
+        r.caption for r in read_records(cfg.data.path, need_images=cfg.stage != "reward")[:4]]
+    own = {}
+    if cfg.stage == "reward" and cfg.sampling.sampler == "lcm":
+        own = dict(solver=_solver(cfg, components.scheduler), steps=cfg.sampling.steps, guidance=cfg.sampling.guidance)
+
+    def validate():
+        return validation_images(accelerator.unwrap_model(components.unet), components.vae, components.scheduler,
+                                 conditioner, prompts, cfg.data.resolution, dtype, cfg.run.seed, **own)
+
+    return {"validate": validate, "validation_prompts": prompts}
 
 
 def _latent_shape(cfg: TrainConfig, components, accelerator) -> tuple[int, int, int]:
@@ -102,7 +102,8 @@ def build_reward(cfg: TrainConfig, components, accelerator, dtype, conditioner) 
                                conditioner, scorer, _latent_shape(cfg, components, accelerator),
                                cfg.sampling.steps, cfg.sampling.guidance, cfg.sampling.grad_steps, cfg.sampling.w,
                                gather, dtype, decode_chunk=cfg.sampling.decode_chunk if fast else 0,
-                               reference_encodes_images=not fast, solver=_solver(cfg, components.scheduler)))
+                               reference_encodes_images=not fast, solver=_solver(cfg, components.scheduler)),
+               **_validation(cfg, components, accelerator, dtype, conditioner))
 
 
 def build_textcraftor(cfg: TrainConfig, components, accelerator, dtype, conditioner) -> Run:
@@ -118,14 +119,15 @@ def build_textcraftor(cfg: TrainConfig, components, accelerator, dtype, conditio
     else:
         add_text_encoder_lora(text_encoder, tc.rank, tc.alpha)
     encoder = TrainableTextEncoder(conditioner, tc.train, tc.alpha, {
-        "longalign.base_model_hash": base_model_hash(cfg), "longalign.rank": str(tc.rank),
+        **model_family(cfg.model).lora_metadata(), "longalign.base_model_hash": base_model_hash(cfg), "longalign.rank": str(tc.rank),
         "longalign.alpha": str(tc.alpha), "longalign.config": config_mod.describe(cfg)})
     terms = load_reward_terms(tc, cfg.model.tiny, accelerator.device, dtype)
     objective = TextCraftorObjective(_denoiser(cfg, components, accelerator), components.vae, components.scheduler,
                                      encoder, terms, _latent_shape(cfg, components, accelerator), cfg.sampling.steps,
                                      cfg.sampling.guidance, cfg.sampling.grad_steps, dtype,
                                      solver=_solver(cfg, components.scheduler))
-    return Run(objective, extra_modules=[encoder], adopt=objective.adopt)
+    return Run(objective, extra_modules=[encoder], adopt=objective.adopt,
+               **_validation(cfg, components, accelerator, dtype, conditioner))
 
 
 def build_comat(cfg: TrainConfig, components, accelerator, dtype, conditioner) -> Run:
@@ -166,7 +168,8 @@ def build_comat(cfg: TrainConfig, components, accelerator, dtype, conditioner) -
                               real=real, w_adv=cc.w_adv, solver=solver,
                               decode_chunk=sc.decode_chunk if cfg.run.mode == "fast" else 0),
                state=discriminator.state if discriminator else None,
-               load_state=discriminator.load_state if discriminator else None)
+               load_state=discriminator.load_state if discriminator else None,
+               **_validation(cfg, components, accelerator, dtype, conditioner))
 
 
 def build_lcm(cfg: TrainConfig, components, accelerator, dtype, conditioner) -> Run:
@@ -181,15 +184,3 @@ def build_lcm(cfg: TrainConfig, components, accelerator, dtype, conditioner) -> 
 
 
 BUILDERS = {"align": build_align, "reward": build_reward, "lcm": build_lcm}
-
-
-def main(stage: str, argv: list[str] | None = None) -> int:
-    parser = config_mod.build_parser(stage, DESCRIPTIONS[stage])
-    args = parser.parse_args(argv)
-    try:
-        cfg = config_mod.resolve(stage, args)
-        train(cfg, BUILDERS[stage])
-    except (ConfigError, DataError, ModelFileError, TrainingError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
