@@ -23,9 +23,10 @@ from training.tiny import TINY_UNET_CONFIG, tiny_clip_model, tiny_clip_text_mode
 
 def clip_ldm_state_dict(model: CLIPTextModel) -> dict[str, torch.Tensor]:
     """The text encoder's weights under the ``text_model.`` names of SD checkpoints and ComfyUI
-    (transformers 5 drops that prefix from ``CLIPTextModel.state_dict()``)."""
+    (transformers 5 drops that prefix from ``CLIPTextModel.state_dict()``); a
+    ``CLIPTextModelWithProjection``'s ``text_projection`` keeps its own name, as in ComfyUI's bigG."""
     return {
-        (k if k.startswith("text_model.") else "text_model." + k): v.contiguous()
+        (k if k.startswith(("text_model.", "text_projection.")) else "text_model." + k): v.contiguous()
         for k, v in model.state_dict().items()
     }
 

@@ -30,7 +30,8 @@ TINY_VAE_CONFIG = dict(
 
 TINY_SDXL_L = dict(hidden_size=64, intermediate_size=128, num_attention_heads=2, projection_dim=64,
                    hidden_act="quick_gelu")
-TINY_SDXL_G = dict(hidden_size=96, intermediate_size=192, num_attention_heads=2, projection_dim=64, hidden_act="gelu")
+TINY_SDXL_G = dict(hidden_size=96, intermediate_size=192, num_attention_heads=2, projection_dim=96, hidden_act="gelu")
+"""bigG-shaped: the projection is square, as bigG's (1280 -> 1280) and ComfyUI's model of it."""
 TINY_SDXL_TIME_DIM = 8
 TINY_SDXL_UNET_CONFIG = dict(
     sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
@@ -54,8 +55,9 @@ def tiny_clip_text_model(num_layers: int = 2, seed: int = 0) -> CLIPTextModel:
     return CLIPTextModel(config).eval()
 
 
-def tiny_sdxl_text_encoders(num_layers: int = 2, seed: int = 0) -> tuple[CLIPTextModel, CLIPTextModelWithProjection]:
-    """SDXL's two text encoders, narrow (:data:`TINY_SDXL_L`, :data:`TINY_SDXL_G`), ``num_layers`` each."""
+def tiny_sdxl_text_encoders(num_layers: int = 3, seed: int = 0) -> tuple[CLIPTextModel, CLIPTextModelWithProjection]:
+    """SDXL's two text encoders, narrow (:data:`TINY_SDXL_L`, :data:`TINY_SDXL_G`), ``num_layers`` each (ComfyUI
+    needs 3 or more for the penultimate layer)."""
     torch.manual_seed(seed)
     clip_l = CLIPTextModel(_clip_text_config(num_layers, **TINY_SDXL_L)).eval()
     clip_g = CLIPTextModelWithProjection(_clip_text_config(num_layers, **TINY_SDXL_G)).eval()
