@@ -8,14 +8,17 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from typing import Callable, Iterator
+from typing import Iterator
 
 import torch
 
 from ..training.adapter import is_adapter_folder, load_text_adapter
+from ..training.folder_walk import walk_folder
 from ..training.lora_format import load_reference_lora, lora_layers, unet_config_from_ldm
 from ..training.safe_io import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, load_tensors
 from ..training.t5 import T5Branch, has_t5_tokenizer, is_t5_folder, load_t5_encoder, t5_tokenizer
+from .listing import listed
+from .paths import confined, resolve_in
 
 NONE = "None"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -134,35 +137,41 @@ class LongSDLoader:
 
         for role, name, strength in (("alignment", alignment_lora, alignment_strength), ("reward", reward_lora, reward_strength)):
             if name != NONE and strength != 0:
-                model, clip = apply_lora(model, clip, folder_paths.get_full_path_or_raise("loras", name), strength, role)
+                path = resolve_in(name, f"LongSD Loader: {role}_lora", folder_paths.get_folder_paths("loras"))
+                model, clip = apply_lora(model, clip, path, strength, role)
         return (model, clip)
 
 
-def _text_encoder_entries(is_wanted: Callable[[str], bool]) -> dict[str, str]:
-    """``{display name: path}`` of the folders under ``models/text_encoders`` that ``is_wanted``."""
+def _walk_text_encoders() -> dict[str, dict[str, str]]:
+    """One bounded walk (:func:`training.folder_walk.walk_folder`) of every ``models/text_encoders``
+    folder: ``{"t5": ..., "adapter": ..., "files": ...}``, each ``{display name: path}``: T5 folders,
+    TextAdapter folders, and single safetensors files outside any model folder (first folder wins)."""
     import folder_paths
 
-    found: dict[str, str] = {}
+    found: dict[str, dict[str, str]] = {"t5": {}, "adapter": {}, "files": {}}
     for root in folder_paths.get_folder_paths("text_encoders"):
-        for folder, subfolders, _ in os.walk(root, followlinks=True):
-            if folder != root and is_wanted(folder):
-                found[os.path.relpath(folder, root).replace(os.sep, "/") + "/"] = folder
+        for folder, subfolders, names in walk_folder(root):
+            rel = os.path.relpath(folder, root).replace(os.sep, "/")
+            kind = None if folder == root else "t5" if is_t5_folder(folder) else "adapter" if is_adapter_folder(folder) else None
+            if kind is not None:
+                found[kind].setdefault(rel + "/", folder)
                 subfolders.clear()
+                continue
+            for name in names:
+                if name.lower().endswith(SAFETENSORS_SUFFIXES):
+                    found["files"].setdefault(name if rel == "." else f"{rel}/{name}", os.path.join(folder, name))
     return found
 
 
-def t5_choices() -> dict[str, str]:
-    """T5 encoders: transformers folders and single safetensors files outside any model folder."""
-    import folder_paths
+def text_encoder_entries() -> dict[str, dict[str, str]]:
+    """:func:`_walk_text_encoders`, off the event loop (:func:`.listing.listed`)."""
+    return listed("models/text_encoders", _walk_text_encoders, {"t5": {}, "adapter": {}, "files": {}})
 
-    folders = _text_encoder_entries(is_t5_folder)
-    inside = tuple(set(folders) | set(_text_encoder_entries(is_adapter_folder)))
-    files = {
-        name: folder_paths.get_full_path("text_encoders", name)
-        for name in folder_paths.get_filename_list("text_encoders")
-        if name.lower().endswith(SAFETENSORS_SUFFIXES) and not name.replace(os.sep, "/").startswith(inside)
-    }
-    return {**folders, **files}
+
+def t5_choices(entries: dict[str, dict[str, str]] | None = None) -> dict[str, str]:
+    """T5 encoders: transformers folders and single safetensors files outside any model folder."""
+    entries = text_encoder_entries() if entries is None else entries
+    return {**entries["t5"], **entries["files"]}
 
 
 def comfy_t5_tokenizer_dir() -> str:
@@ -192,10 +201,11 @@ class T5AdapterLoader:
 
     @classmethod
     def INPUT_TYPES(cls):
+        entries = text_encoder_entries()
         return {
             "required": {
-                "t5_name": (sorted(t5_choices()) or [NONE], {"tooltip": "A T5 encoder: a transformers folder (config.json + model.safetensors) or one safetensors file."}),
-                "adapter_name": (sorted(_text_encoder_entries(is_adapter_folder)) or [NONE], {"tooltip": "A TextAdapter folder (config.json + diffusion_pytorch_model.safetensors), e.g. s28750_adapter/."}),
+                "t5_name": (sorted(t5_choices(entries)) or [NONE], {"tooltip": "A T5 encoder: a transformers folder (config.json + model.safetensors) or one safetensors file."}),
+                "adapter_name": (sorted(entries["adapter"]) or [NONE], {"tooltip": "A TextAdapter folder (config.json + diffusion_pytorch_model.safetensors), e.g. s28750_adapter/."}),
                 "dtype": (list(DTYPES), {"default": "fp32", "tooltip": "Weights dtype for T5 and the adapter."}),
             }
         }
@@ -207,11 +217,14 @@ class T5AdapterLoader:
     DESCRIPTION = __doc__
 
     def load(self, t5_name, adapter_name, dtype):
-        t5 = t5_choices().get(t5_name)
-        adapter = _text_encoder_entries(is_adapter_folder).get(adapter_name)
+        entries = text_encoder_entries()
+        t5 = t5_choices(entries).get(t5_name)
+        adapter = entries["adapter"].get(adapter_name)
         if t5 is None or adapter is None:
             raise ValueError(
                 f"T5 Adapter Loader: {t5_name!r} / {adapter_name!r} not found in models/text_encoders; expected a T5 "
                 "folder or safetensors file and a TextAdapter folder (config.json + diffusion_pytorch_model.safetensors)"
             )
+        t5 = confined(t5, "T5 Adapter Loader: t5_name", t5_name)
+        adapter = confined(adapter, "T5 Adapter Loader: adapter_name", adapter_name)
         return (load_t5_branch(t5, adapter, DTYPES[dtype]),)

@@ -12,11 +12,16 @@ import os
 
 import torch
 
-from ..training.scoring import DIRECTION_SOURCES, REFERENCE_W, SCORE_FIELDS, DecomposedScores, score_images
+from ..training.scoring import (
+    DIRECTION_SOURCES, REFERENCE_W, SCORE_FIELDS, DecomposedScores, check_weight, score_images,
+)
 from ..training.reward_models import REWARD_KINDS, list_reward_models, load_reward_model
+from .listing import listed
+from .paths import resolve_in
 
 FOLDER = "reward_models"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+W_RANGE = (0.0, 2.0)
 
 
 def _folder_paths():
@@ -32,21 +37,25 @@ def _folder_paths():
 _folder_paths()  # register the folder at import, so /object_info and extra paths know it
 
 
-def reward_model_entries() -> list[str]:
+def _list_entries() -> list[str]:
     fp = _folder_paths()
     roots = fp.get_folder_paths(FOLDER) if fp else []
     return sorted({e for root in roots for e in list_reward_models(root)})
 
 
+def reward_model_entries() -> list[str]:
+    """The models of every reward_models folder (a bounded walk, off the event loop: :mod:`.listing`)."""
+    return listed("models/reward_models", _list_entries, [])
+
+
 def resolve_model_path(name: str) -> str:
     fp = _folder_paths()
     roots = fp.get_folder_paths(FOLDER) if fp else []
-    for root in roots:
-        path = os.path.join(root, name)
-        if os.path.exists(path):
-            return path
-    raise FileNotFoundError(f"reward model {name!r} is not in any reward_models folder ({', '.join(roots) or 'none registered'}); "
-                            "put Denscore/PickScore CLIPModel folders or HPSv2/CLIP checkpoints in ComfyUI/models/reward_models")
+    try:
+        return resolve_in(name, "Reward Model Loader: model_name", roots)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"reward model {name!r} is not in any reward_models folder ({', '.join(roots) or 'none registered'}); "
+                                "put Denscore/PickScore CLIPModel folders or HPSv2/CLIP checkpoints in ComfyUI/models/reward_models") from None
 
 
 def resolve_device_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
@@ -68,15 +77,13 @@ def resolve_device_dtype(device: str, dtype: str) -> tuple[torch.device, torch.d
 
 
 def _reference_path(reference_file: str) -> str | None:
-    """A reference prompt file, absolute or relative to ComfyUI's input folder; '' = none."""
+    """A reference prompt file relative to ComfyUI's input folder (or an absolute path inside the
+    input or a models folder, :mod:`.paths`); '' = none."""
     if not reference_file.strip():
         return None
-    fp = _folder_paths()
-    if fp and not os.path.isabs(reference_file):
-        candidate = os.path.join(fp.get_input_directory(), reference_file)
-        if os.path.isfile(candidate):
-            return candidate
-    return reference_file
+    import folder_paths
+
+    return resolve_in(reference_file, "reference_file", [folder_paths.get_input_directory()])
 
 
 def score_batch(images: torch.Tensor, reward_model, text: str, w: float, direction: str,
@@ -87,15 +94,29 @@ def score_batch(images: torch.Tensor, reward_model, text: str, w: float, directi
     if not isinstance(images, torch.Tensor) or images.ndim != 4:
         raise ValueError(f"images must be an IMAGE batch (B, H, W, C), got "
                          f"{tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__}")
-    return score_images(reward_model, images.movedim(-1, 1), [text], w=w, direction=direction,
+    return score_images(reward_model, images.movedim(-1, 1), [text], w=check_weight(w), direction=direction,
                         reference=_reference_path(reference_file))
+
+
+def validate_w(w=None) -> bool | str:
+    """ComfyUI's ``VALIDATE_INPUTS`` for ``w``: its own min/max check lets NaN through (every
+    comparison with NaN is false), so a prompt sent through the API with ``NaN`` is refused here
+    (True, or the message). A linked ``w`` (None here) is checked when the node runs."""
+    if w is None:
+        return True
+    try:
+        w = check_weight(w)
+    except ValueError as e:
+        return str(e)
+    low, high = W_RANGE
+    return True if low <= w <= high else f"w must be between {low} and {high}, got {w}"
 
 
 SCORING_INPUTS = {
     "reward_model": ("REWARD_MODEL",),
     "text": ("STRING", {"multiline": True, "tooltip": "The prompt the images were made from (any length: "
                                                        "split into sentences, their features averaged)."}),
-    "w": ("FLOAT", {"default": REFERENCE_W, "min": 0.0, "max": 2.0, "step": 0.01,
+    "w": ("FLOAT", {"default": REFERENCE_W, "min": W_RANGE[0], "max": W_RANGE[1], "step": 0.01,
                     "tooltip": "Weight of the text-irrelevant part: s_w = text_relevant + w * text_irrelevant "
                                "(paper: 0.3; 1 = the plain score; 0 = alignment only)."}),
     "direction": (list(reversed(DIRECTION_SOURCES)), {
@@ -105,7 +126,8 @@ SCORING_INPUTS = {
                    "reference/builtin set and says so in the summary)."}),
 }
 REFERENCE_INPUT = {"reference_file": ("STRING", {
-    "default": "", "tooltip": "Text file, one prompt per line (absolute, or relative to ComfyUI's input folder)."})}
+    "default": "", "tooltip": "Text file, one prompt per line, relative to ComfyUI's input folder (an absolute path "
+                              "must lie inside the input folder or a models folder)."})}
 
 
 class RewardModelLoader:
@@ -155,9 +177,11 @@ class DecomposedRewardScore:
     CATEGORY = "longalign/reward"
     DESCRIPTION = __doc__
 
+    VALIDATE_INPUTS = staticmethod(validate_w)
+
     def score(self, images, reward_model, text, w, direction, reference_file=""):
         scores = score_batch(images, reward_model, text, w, direction, reference_file)
-        summary = json.dumps(scores.summary(), indent=1)
+        summary = json.dumps(scores.summary(), indent=1, allow_nan=False)
         lists = [getattr(scores, name).tolist() for name in ("total", "text_relevant", "text_irrelevant", "reweighted")]
         return {"ui": {"text": [summary]}, "result": (*lists, summary)}
 
@@ -184,14 +208,12 @@ class RankByReward:
     CATEGORY = "longalign/reward"
     DESCRIPTION = __doc__
 
+    VALIDATE_INPUTS = staticmethod(validate_w)
+
     def rank(self, images, reward_model, text, w, direction, score, top_k, reference_file=""):
         scores = score_batch(images, reward_model, text, w, direction, reference_file)
-        order = scores.order(score)
-        ranking = json.dumps({"score": score, "order": order,
-                              "scores": [getattr(scores, score)[i].item() for i in order],
-                              "direction": scores.direction.source, "note": scores.direction.note,
-                              **{k: getattr(scores, k).tolist() for k in ("total", "text_relevant",
-                                                                          "text_irrelevant", "reweighted")}})
-        index = torch.tensor(order, device=images.device)
+        data = scores.ranking(score)  # non-finite scores last, flagged in "nonfinite"
+        ranking = json.dumps(data, allow_nan=False)
+        index = torch.tensor(data["order"], device=images.device)
         ranked = images[index]
         return {"ui": {"text": [ranking]}, "result": (ranked, ranked[:top_k], ranking)}

@@ -116,10 +116,18 @@ def reward_model(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def reference_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("fuzz_reference") / "reference.txt"
-    path.write_text("A cat on a mat.\nA dog in the fog. It rains.\n# a comment\n\nA red boat.\n", encoding="utf-8")
-    return str(path)
+def reference_file(comfy, tmp_path_factory):
+    """A prompt file in ComfyUI's input folder (a temporary one for this module): the only place,
+    with the models folders, a node may read it from."""
+    import folder_paths
+
+    before = folder_paths.get_input_directory()
+    folder = tmp_path_factory.mktemp("fuzz_input")
+    (folder / "reference.txt").write_text("A cat on a mat.\nA dog in the fog. It rains.\n# a comment\n\nA red boat.\n",
+                                          encoding="utf-8")
+    folder_paths.set_input_directory(str(folder))
+    yield "reference.txt"
+    folder_paths.set_input_directory(before)
 
 
 @st.composite
@@ -137,7 +145,8 @@ def check_scores(values, batch: int) -> None:
 @settings(FUZZ, max_examples=60)
 @given(images=comfy_images(), text=st.one_of(texts.filter(str.strip), texts), w=st.floats(0.0, 2.0),
        direction=st.sampled_from(["batch", "reference", "builtin"]),
-       reference=st.sampled_from(["", "<file>", "<file>", "missing/prompts.txt"]) | st.text(max_size=20),
+       reference=st.sampled_from(["", "<file>", "<file>", "missing/prompts.txt", "../reference.txt", "/etc/passwd"])
+       | st.text(max_size=20),
        score=st.sampled_from(["reweighted", "total", "text_relevant", "text_irrelevant"]), top_k=st.integers(1, 4096))
 def test_reward_nodes_on_any_text_images_and_options(pack, reward_model, reference_file, images, text, w, direction,
                                                      reference, score, top_k):

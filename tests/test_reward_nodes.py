@@ -110,6 +110,56 @@ def test_node_bad_input_is_a_clear_error(nodes, loaded):
         nodes["loader"].load("tiny_hps.pt", "pickscore", "cpu", "fp32")
 
 
+def strict_json(text: str):
+    """JSON as the front end's ``JSON.parse`` reads it: NaN and Infinity are not JSON."""
+    return json.loads(text, parse_constant=lambda constant: pytest.fail(f"{constant} in {text[:200]}"))
+
+
+def test_non_finite_scores_rank_last_and_are_flagged():
+    from training.scoring import DecomposedScores, Direction
+
+    values = torch.tensor([0.1, float("nan"), float("inf"), -float("inf"), 0.3, 0.1])
+    scores = DecomposedScores(values, values, values, values, values, 0.3, Direction(torch.zeros(3), "builtin"))
+    assert scores.order("total") == [4, 0, 5, 1, 2, 3]  # finite best first (ties in batch order), then the rest
+    assert scores.nonfinite() == [1, 2, 3]
+    summary = strict_json(json.dumps(scores.summary(), allow_nan=False))
+    assert summary["total"][1:4] == [None, None, None] and summary["nonfinite"] == [1, 2, 3]
+    assert summary["mean"]["total"] == pytest.approx((0.1 + 0.3 + 0.1) / 3)
+    ranking = strict_json(json.dumps(scores.ranking("total"), allow_nan=False))
+    assert ranking["order"] == [4, 0, 5, 1, 2, 3] and ranking["scores"][3:] == [None, None, None]
+
+
+def test_a_nan_image_ranks_last_and_the_summaries_are_json(nodes, loaded):
+    """A NaN decode (an fp16 VAE) must not win best-of-N; the ui text stays parseable."""
+    images = comfy_images(4)
+    images[1] = float("nan")
+    with torch.inference_mode():
+        out = nodes["rank"].rank(images, loaded, PROMPTS[1], 0.3, "builtin", "reweighted", 1)
+        score = nodes["score"].score(images, loaded, PROMPTS[1], 0.3, "builtin")
+    ranked, top, text = out["result"]
+    ranking = strict_json(text)
+    assert ranking["order"][-1] == 1 and ranking["nonfinite"] == [1]
+    assert ranking["scores"][-1] is None and all(isinstance(x, float) for x in ranking["scores"][:-1])
+    assert ranking["scores"][:-1] == sorted(ranking["scores"][:-1], reverse=True)
+    assert bool(torch.isfinite(top).all())  # top_k = 1 is a real image, not the NaN one
+    torch.testing.assert_close(ranked, images[ranking["order"]], equal_nan=True)
+    summary = strict_json(score["result"][4])
+    assert summary["nonfinite"] == [1] and summary["reweighted"][1] is None
+    assert all(isinstance(v, float) for v in summary["mean"].values())
+    assert out["ui"]["text"] == [text] and score["ui"]["text"] == [score["result"][4]]
+
+
+@pytest.mark.parametrize("w", [float("nan"), float("inf"), -float("inf")])
+def test_a_non_finite_w_is_refused(nodes, loaded, w):
+    for node in ("score", "rank"):
+        message = type(nodes[node]).VALIDATE_INPUTS(w=w)
+        assert isinstance(message, str) and "w must be a finite number" in message
+    assert type(nodes["score"]).VALIDATE_INPUTS(w=0.3) is True and type(nodes["rank"]).VALIDATE_INPUTS() is True
+    assert "between 0.0 and 2.0" in type(nodes["score"]).VALIDATE_INPUTS(w=2.5)
+    with pytest.raises(ValueError, match="w must be a finite number"), torch.inference_mode():
+        nodes["score"].score(comfy_images(2), loaded, "a cat.", w, "builtin")
+
+
 # ---- the real server -------------------------------------------------------------------------
 
 @pytest.mark.server

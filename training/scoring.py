@@ -28,6 +28,7 @@ are refused. The reward model is frozen: gradients reach the image only.
 """
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -56,8 +57,12 @@ def read_prompt_file(path: str) -> list[str]:
     """Prompts from a text file: one per line; blank lines and ``#`` comments are skipped."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"prompt file {path!r} does not exist (expected a text file, one prompt per line)")
-    with open(path, encoding="utf-8") as f:
-        prompts = [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
+    try:
+        with open(path, encoding="utf-8") as f:
+            prompts = [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
+    except UnicodeDecodeError as e:
+        raise ValueError(f"prompt file {path!r} is not UTF-8 text (it holds the byte {e.object[e.start]:#04x}); "
+                         "save it as UTF-8, one prompt per line") from None
     if not prompts:
         raise ValueError(f"prompt file {path!r} holds no prompts (one prompt per line expected)")
     return prompts
@@ -232,17 +237,52 @@ class DecomposedScores:
         return self.total * self.logit_scale
 
     def order(self, score: str = "reweighted") -> list[int]:
-        """Image indices sorted by ``score`` (a field name), best first; ties keep batch order."""
+        """Image indices sorted by ``score`` (a field name), best first; ties keep batch order. A
+        non-finite score (NaN or inf: a NaN or black decode of an fp16 VAE) ranks last, never first."""
         values = getattr(self, score, None)
         if score not in SCORE_FIELDS or values is None:
             raise ValueError(f"score must be one of {', '.join(SCORE_FIELDS)}, got {score!r}")
-        return torch.sort(values.detach(), descending=True, stable=True).indices.tolist()
+        values = values.detach().float()
+        key = torch.where(torch.isfinite(values), values, torch.full_like(values, -float("inf")))
+        return torch.sort(key, descending=True, stable=True).indices.tolist()
+
+    def nonfinite(self) -> list[int]:
+        """Indices of the images with a NaN or infinite score in any field."""
+        values = torch.stack([getattr(self, k).detach().float() for k in SCORE_FIELDS])
+        return (~torch.isfinite(values).all(dim=0)).nonzero().flatten().tolist()
 
     def summary(self) -> dict:
-        """Plain-Python lists and means, for JSON."""
-        rows = {k: getattr(self, k).detach().float().cpu().tolist() for k in SCORE_FIELDS}
+        """Plain-Python lists and means, for strict JSON: a non-finite score is ``None`` (null), its
+        image listed in ``nonfinite`` and left out of the means (``None`` when no score is finite)."""
+        rows = {k: [_finite_or_none(x) for x in getattr(self, k).detach().float().cpu().tolist()] for k in SCORE_FIELDS}
+        means = {k: _mean([x for x in v if x is not None]) for k, v in rows.items()}
         return {"w": self.w, "direction": self.direction.source, "note": self.direction.note,
-                "logit_scale": self.logit_scale, "mean": {k: sum(v) / len(v) for k, v in rows.items()}, **rows}
+                "logit_scale": _finite_or_none(self.logit_scale), "mean": means, "nonfinite": self.nonfinite(), **rows}
+
+    def ranking(self, score: str = "reweighted") -> dict:
+        """The batch ranked by ``score`` (:meth:`order`) for strict JSON: ``order``, the ranked
+        ``scores`` and the four score lists in batch order, non-finite values as ``None`` and their
+        images listed in ``nonfinite``."""
+        order = self.order(score)
+        rows = self.summary()
+        return {"score": score, "order": order, "scores": [rows[score][i] for i in order],
+                "nonfinite": rows["nonfinite"], "direction": rows["direction"], "note": rows["note"],
+                **{k: rows[k] for k in ("total", "text_relevant", "text_irrelevant", "reweighted")}}
+
+
+def _finite_or_none(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def check_weight(w: float) -> float:
+    """``w`` as a float, refused (ValueError) unless a finite number: NaN would make every s_w NaN."""
+    if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
+        raise ValueError(f"w must be a finite number (the weight of the text-irrelevant part, e.g. {REFERENCE_W}), got {w!r}")
+    return float(w)
 
 
 def decompose(f_T: torch.Tensor, f_I: torch.Tensor, direction: Direction, w: float = REFERENCE_W,
@@ -254,8 +294,9 @@ def decompose(f_T: torch.Tensor, f_I: torch.Tensor, direction: Direction, w: flo
     f_T_perp = f_T - eta.unsqueeze(1) * v
     relevant = (f_T_perp * f_I).sum(dim=-1)
     irrelevant = eta * (f_I @ v)
+    w = check_weight(w)
     return DecomposedScores((f_T * f_I).sum(dim=-1), relevant, irrelevant, relevant + w * irrelevant,
-                            eta, float(w), direction, logit_scale)
+                            eta, w, direction, logit_scale)
 
 
 def score_images(model: PreferenceModel, images: torch.Tensor | Sequence[torch.Tensor], texts: Sequence[str],
