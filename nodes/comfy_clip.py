@@ -8,6 +8,7 @@ no ComfyUI import is needed (the CLIP is passed in).
 from __future__ import annotations
 
 import contextlib
+import re
 import weakref
 from collections import OrderedDict
 from typing import Iterator, Sequence
@@ -90,6 +91,31 @@ def _empty_prompt(clip, cached: bool) -> dict:
     if clip.tokenizer not in _EMPTY:
         _EMPTY[clip.tokenizer] = clip.tokenize("")
     return _EMPTY[clip.tokenizer]
+
+
+MAX_BRACKET_DEPTH = 32
+"""Deepest ``(...)`` nesting a prompt may hold. ComfyUI's weight parser recurses once per level and
+copies the text at each, so a few thousand levels cost minutes of CPU and end in a RecursionError;
+``(((a)))`` is already ``a`` at 1.1^3."""
+
+
+def check_bracket_depth(text: str, what: str) -> None:
+    """ValueError naming ``what`` when ``text`` nests matched, unescaped brackets deeper than
+    :data:`MAX_BRACKET_DEPTH` (``\\(`` and ``\\)`` are literal, as in ComfyUI)."""
+    opened: list[int] = []
+    steps: list[tuple[int, int]] = []  # (position, +1 where a matched pair opens / -1 after it closes)
+    for match in re.finditer(r"[()]", text.replace("\\(", "").replace("\\)", "")):
+        if match.group() == "(":
+            opened.append(match.start())
+        elif opened:
+            steps += [(opened.pop(), 1), (match.start(), -1)]
+    depth = deepest = 0
+    for _, step in sorted(steps):
+        depth += step
+        deepest = max(deepest, depth)
+    if deepest > MAX_BRACKET_DEPTH:
+        raise ValueError(f"{what}: brackets are nested {deepest} deep; at most {MAX_BRACKET_DEPTH} levels of "
+                         "(weight) brackets are accepted (escape literal ones as \\( \\))")
 
 
 def _plain(text: str) -> bool:

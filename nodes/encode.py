@@ -5,7 +5,7 @@ import torch
 
 from ..training.encode import SegmentOptions, encode_long_prompts
 from ..training.t5 import T5Branch, encode_ct5f
-from .comfy_clip import ComfyClipBackend
+from .comfy_clip import ComfyClipBackend, check_bracket_depth
 
 
 def encode_prompt(clip, text: str, options: SegmentOptions, t5_adapter: T5Branch | None = None):
@@ -19,6 +19,7 @@ def encode_prompt(clip, text: str, options: SegmentOptions, t5_adapter: T5Branch
             "LongAlign Text Encode: the clip input is None; the checkpoint has no text encoder "
             "(load one with a CLIP loader node)"
         )
+    check_bracket_depth(text, "LongAlign Text Encode: text")
     backend = ComfyClipBackend(clip)
     pad = backend.cached_pad_embedding() if options.pad == "mean" and options.token_length else None
     if t5_adapter is None:

@@ -7,24 +7,37 @@ Request: ``{"text": str, "token_length": int = 240, "split": "sentences" | "nati
 ``truncated``). Tokenisation is ComfyUI's own SD1 CLIP tokenizer (the vocabulary SD1.x, SD2.x and
 SDXL share) driven through the node's backend, so ``(word:1.2)`` weights and ``embedding:`` names
 count as they encode. Bad requests get 400 (413 over :data:`MAX_BODY_BYTES`) with ``{"error": ...}``.
+
+A request can neither freeze the server nor hold up the others: prompts up to :data:`SMALL_CHARS`
+characters (what the counter sends while one types) and longer ones are counted in two lanes, each
+one worker thread with its own tokenizer, so a short prompt never waits behind a long one. Each lane
+admits a bounded number of requests (running + waiting); past that the answer is 503 with a
+message. Work is dropped (checked before every tokenizer call) when its client has hung up or
+after :data:`TIME_LIMIT_S` seconds (then 503). JSON nested too deeply and prompts that nest
+brackets deeper than :data:`.comfy_clip.MAX_BRACKET_DEPTH` get 400.
 """
 from __future__ import annotations
 
 import asyncio
 import json
-import threading
-from functools import lru_cache
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from aiohttp import web
 
 from ..training.encode import SegmentOptions
 from ..training.token_count import count_tokens
-from .comfy_clip import ComfyClipBackend
+from .comfy_clip import ComfyClipBackend, check_bracket_depth
 
 ROUTE = "/longalign/tokenize"
 MAX_BODY_BYTES = 256 * 1024
-_LOCK = threading.Lock()  # one tokenisation at a time: the tokenizer's cache is not thread-safe
+SMALL_CHARS = 4096
+"""Prompts up to this length are counted in the small lane (a few ms each)."""
+TIME_LIMIT_S = 30.0
+"""Seconds a request may take, waiting included, before its work is dropped."""
+POLL_S = 0.1
+"""How often a waiting request checks that its client is still connected."""
 
 
 class _TokenizerOnlyClip:
@@ -40,13 +53,96 @@ class _TokenizerOnlyClip:
         return self.tokenizer.tokenize_with_weights(text)
 
 
-@lru_cache(maxsize=1)
-def _backend() -> ComfyClipBackend:
+def _new_backend() -> ComfyClipBackend:
     import comfy.sd1_clip
     import folder_paths
 
     tokenizer = comfy.sd1_clip.SD1Tokenizer(embedding_directory=folder_paths.get_folder_paths("embeddings"))
     return ComfyClipBackend(_TokenizerOnlyClip(tokenizer))
+
+
+class Dropped(Exception):
+    """A request's work was abandoned: its client hung up or it ran past :data:`TIME_LIMIT_S`."""
+
+
+class _Job:
+    """One request's work: dropped at the next tokenizer call once ``gone`` is set or past ``deadline``."""
+
+    def __init__(self, deadline: float) -> None:
+        self.deadline = deadline
+        self.gone = False
+
+    def check(self) -> None:
+        if self.gone:
+            raise Dropped("the client hung up")
+        if time.monotonic() > self.deadline:
+            raise Dropped(f"counting this prompt took over {TIME_LIMIT_S:g} s; it was stopped (shorten the prompt)")
+
+
+class _Watched:
+    """A backend that checks its job before every tokenizer call (the only slow steps of counting)."""
+
+    def __init__(self, backend: ComfyClipBackend, job: _Job) -> None:
+        self._backend, self._job = backend, job
+        self.window = backend.window
+
+    def tokenize(self, text: str):
+        self._job.check()
+        return self._backend.tokenize(text)
+
+    def tokenize_batch(self, texts):
+        self._job.check()
+        return self._backend.tokenize_batch(texts)
+
+
+class Lane:
+    """One worker thread with its own tokenizer (ComfyUI's tokenizer cache is not thread-safe), and
+    at most ``capacity`` requests admitted (running + waiting); ``admitted`` is only touched on the
+    event loop."""
+
+    def __init__(self, name: str, capacity: int) -> None:
+        self.name, self.capacity, self.admitted = name, capacity, 0
+        self.dropped = 0
+        """Jobs abandoned so far (client gone, time limit)."""
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"longalign-tokenize-{name}")
+        self._backend: ComfyClipBackend | None = None
+
+    def _count(self, job: _Job, text: str, options: SegmentOptions) -> dict:
+        try:
+            job.check()  # hung up or timed out while waiting: nothing is done
+            check_bracket_depth(text, "'text'")
+            if self._backend is None:
+                self._backend = _new_backend()
+            return count_tokens(text, _Watched(self._backend, job), options).as_dict()
+        except Dropped:
+            self.dropped += 1  # only this lane's one worker thread writes it
+            raise
+
+    async def count(self, request: web.Request, text: str, options: SegmentOptions) -> dict:
+        """The count of ``text``, run in this lane while ``request``'s client stays connected. The
+        request holds its place in the lane until the worker is done with it, even when aiohttp
+        cancels the handler of a client that hung up: the lane never queues more than ``capacity``."""
+        job = _Job(time.monotonic() + TIME_LIMIT_S)
+        self.admitted += 1
+        loop = asyncio.get_running_loop()
+        future = self._executor.submit(self._count, job, text, options)
+        future.add_done_callback(lambda _: loop.call_soon_threadsafe(self._release))
+        waiting = asyncio.wrap_future(future)
+        try:
+            while not waiting.done():
+                await asyncio.wait({waiting}, timeout=POLL_S)
+                if request.transport is None or request.transport.is_closing():
+                    job.gone = True
+            return waiting.result()
+        finally:
+            job.gone = True  # nothing more is wanted from this job (also when aiohttp cancels the handler)
+            waiting.add_done_callback(lambda done: done.cancelled() or done.exception())  # retrieved: no log
+
+    def _release(self) -> None:
+        self.admitted -= 1
+
+
+LANES = {"small": Lane("small", capacity=32), "large": Lane("large", capacity=4)}
 
 
 def _error(status: int, message: str) -> web.Response:
@@ -59,6 +155,8 @@ def parse_request(body: bytes) -> tuple[str, SegmentOptions]:
         data = json.loads(body.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"the body must be JSON: {e}") from None
+    except RecursionError:
+        raise ValueError("the body nests JSON arrays or objects too deeply: expected a flat JSON object") from None
     if not isinstance(data, dict):
         raise ValueError("the body must be a JSON object")
     text = data.get("text")
@@ -84,11 +182,6 @@ async def _read_limited(request: web.Request) -> bytes:
     return bytes(body)
 
 
-def _count(text: str, options: SegmentOptions) -> dict:
-    with _LOCK:
-        return count_tokens(text, _backend(), options).as_dict()
-
-
 async def tokenize(request: web.Request) -> web.Response:
     try:
         body = await _read_limited(request)
@@ -98,8 +191,15 @@ async def tokenize(request: web.Request) -> web.Response:
         text, options = parse_request(body)
     except ValueError as e:  # SegmentOptions' own checks (split, token_length >= 0) land here too
         return _error(400, str(e))
-    result = await asyncio.get_running_loop().run_in_executor(None, _count, text, options)
-    return web.json_response(result)
+    lane = LANES["small" if len(text) <= SMALL_CHARS else "large"]
+    if lane.admitted >= lane.capacity:
+        return _error(503, f"busy: {lane.admitted} prompts of this size are being counted; try again in a moment")
+    try:
+        return web.json_response(await lane.count(request, text, options))
+    except Dropped as e:
+        return _error(503, str(e))
+    except ValueError as e:  # brackets nested too deeply
+        return _error(400, str(e))
 
 
 def register(routes: web.RouteTableDef) -> None:
