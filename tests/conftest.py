@@ -11,11 +11,23 @@ import sys
 
 import pytest
 
+import network_guard
 from comfy_inprocess import REPO, comfy_clip_from_transformers, import_comfy, load_pack
 
 PACK_NAME = "ComfyUI-LongAlign"
 if REPO not in sys.path:
     sys.path.append(REPO)  # after ComfyUI: the pack's nodes/ must never shadow ComfyUI's nodes.py
+network_guard.install()  # before any test or fixture runs: no connection but loopback, ever
+
+
+@pytest.fixture(autouse=True)
+def no_network():
+    """Fail the test if it, or a session fixture set up for it, tried to reach a non-loopback address
+    (even when the code under test caught the guard's error)."""
+    yield
+    tried = network_guard.take_attempts()
+    if tried:
+        pytest.fail(f"the test tried to reach the network ({len(tried)} attempts): {tried[:3]}")
 
 
 def comfyui_dir() -> str:

@@ -22,7 +22,8 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 from torch import nn
 
-from .safe_io import ModelFileError, load_tensors
+from .safe_io import (ModelFileError, check_config_sizes, load_json_object, load_tensors, materialize, meta_model,
+                      shape_problems, weight_shapes)
 
 ADAPTER_CONFIG = "config.json"
 ADAPTER_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
@@ -89,7 +90,10 @@ def is_adapter_folder(folder: str) -> bool:
 
 
 def load_text_adapter(folder: str) -> TextAdapter:
-    """A TextAdapter from a ``save_pretrained`` folder, in eval mode; every failure names the file."""
+    """A TextAdapter from a ``save_pretrained`` folder, in eval mode, fp32; every failure names the file.
+
+    The sizes in config.json are bounded and checked against the weight file's header on the meta
+    device before anything is allocated (a 50-byte config must not cost gigabytes)."""
     config_path = os.path.join(folder, ADAPTER_CONFIG)
     if not os.path.isdir(folder):
         raise ModelFileError(f"TextAdapter: {folder!r} is not a folder (expected config.json + diffusion_pytorch_model.safetensors)")
@@ -98,19 +102,21 @@ def load_text_adapter(folder: str) -> TextAdapter:
             f"TextAdapter: {config_path!r} is missing; the adapter folder needs config.json with in_dim, int_dim, "
             "out_dim beside diffusion_pytorch_model.safetensors"
         )
+    config = load_json_object(config_path, "TextAdapter config")
     try:
-        with open(config_path, encoding="utf-8") as f:
-            config = json.load(f)
         dims = {k: int(config[k]) for k in ("in_dim", "int_dim", "out_dim")}
-    except (ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError, OverflowError) as e:
         raise ModelFileError(f"TextAdapter: {config_path!r} is not a TextAdapter config (needs integer in_dim, int_dim, out_dim): {e}") from e
     weights = next((os.path.join(folder, w) for w in ADAPTER_WEIGHTS if os.path.isfile(os.path.join(folder, w))), None)
     if weights is None:
         raise ModelFileError(f"TextAdapter: no weights in {folder!r}; expected one of {', '.join(ADAPTER_WEIGHTS)}")
-    adapter = TextAdapter(**dims)
+    what = f"TextAdapter {folder!r}"
+    check_config_sizes(dims, what)
+    shapes = weight_shapes(weights, "TextAdapter weights")
+    expected = {k: v.shape for k, v in meta_model(lambda: TextAdapter(**dims), what).state_dict().items()}
+    problems = shape_problems(expected, shapes)
+    if problems:
+        raise ModelFileError(f"TextAdapter: {weights!r} does not match config {dims}: "
+                             f"{len(problems)} problems, e.g. {problems[:4]}")
     state = load_tensors(weights, "TextAdapter weights")
-    try:
-        adapter.load_state_dict(state, strict=True)
-    except RuntimeError as e:  # missing, unexpected or wrongly shaped tensors
-        raise ModelFileError(f"TextAdapter: {weights!r} does not match config {dims}: {e}") from e
-    return adapter.eval()
+    return materialize(lambda: TextAdapter(**dims), state, torch.float32, what).eval()

@@ -59,7 +59,7 @@ def clip_tokenizer(folder: str | None = None) -> CLIPTokenizer:
             path = os.path.join(folder, sub)
             has = lambda name: os.path.isfile(os.path.join(path, name))  # noqa: E731
             if (has("vocab.json") and has("merges.txt")) or has("tokenizer.json"):
-                return CLIPTokenizer.from_pretrained(path)
+                return CLIPTokenizer.from_pretrained(path, local_files_only=True)
         raise ModelFileError(
             f"no CLIP tokenizer in {folder!r}: expected vocab.json and merges.txt (or tokenizer.json) there or in "
             "its tokenizer/ folder"
@@ -71,7 +71,8 @@ def clip_tokenizer(folder: str | None = None) -> CLIPTokenizer:
         with open(os.path.join(tmp, "merges.txt"), "w", encoding="utf-8") as f:
             f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
         return CLIPTokenizer.from_pretrained(
-            tmp, bos_token=BOS, eos_token=EOS, pad_token=EOS, unk_token=EOS, model_max_length=CLIP_WINDOW
+            tmp, bos_token=BOS, eos_token=EOS, pad_token=EOS, unk_token=EOS, model_max_length=CLIP_WINDOW,
+            local_files_only=True,
         )
 
 

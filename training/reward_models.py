@@ -14,6 +14,7 @@ Every model is frozen: ``eval()`` and ``requires_grad_(False)``.
 """
 from __future__ import annotations
 
+import math
 import os
 from functools import lru_cache
 from typing import Literal, Sequence
@@ -23,8 +24,8 @@ from transformers import CLIPTokenizer
 
 from .clip_text import CLIP_WINDOW, clip_tokenizer
 from .folder_walk import walk_folder
-from .safe_io import (PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, ModelFileError, load_json_object, load_pretrained_folder,
-                      load_tensors)
+from .safe_io import (PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, ModelFileError, check_config_sizes, load_json_object,
+                      load_pretrained_folder, load_tensors, materialize, meta_model, shape_problems, weight_shapes)
 from .transfer import to_device
 
 RewardKind = Literal["denscore", "pickscore", "hpsv2", "clip"]
@@ -214,35 +215,66 @@ def _open_clip_config(path: str, kind: RewardKind, architecture: str) -> tuple[d
     return cfg, path, {}
 
 
+HUB_FIELDS = ("hf_model_name", "hf_tokenizer_name")
+"""open_clip config fields that name a model or tokenizer on a hub: building from them downloads."""
+
+
+def _refuse_downloads(cfg: dict, source: str) -> None:
+    """Refuse every open_clip config field that would download: a hub text tower or tokenizer
+    (:data:`HUB_FIELDS`) and any ``*pretrained*`` flag that is set (timm's ``timm_model_pretrained``,
+    ``hf_model_pretrained``, ``pretrained``): this pack reads local files only."""
+    stack = [("", cfg)]
+    while stack:
+        prefix, node = stack.pop()
+        for key, value in node.items():
+            name = f"{prefix}{key}"
+            if isinstance(value, dict):
+                stack.append((name + ".", value))
+            elif value and (key in HUB_FIELDS or "pretrained" in str(key).lower()):
+                raise ModelFileError(f"{source}: field {name} = {value!r} would download weights or a tokenizer "
+                                     "from a model hub; this pack loads local files only (remove the field, and "
+                                     "put the weights in the checkpoint)")
+
+
 def _load_open_clip(path: str, kind: RewardKind, dtype: torch.dtype, architecture: str) -> PreferenceModel:
+    """Checked before anything is built or allocated: no field that downloads, sizes within
+    :data:`.safe_io.SIZE_BOUNDS`, and the model's shapes (built on the meta device) equal to the
+    checkpoint's header; then the model is built around the checkpoint's tensors."""
     import open_clip
 
     cfg, checkpoint, preprocess = _open_clip_config(path, kind, architecture)
+    source = os.path.join(path, "open_clip_config.json") if os.path.isdir(path) else (
+        repr(architecture) if architecture.lower().endswith(".json") else f"open_clip architecture {architecture!r}")
+    if not (isinstance(cfg, dict) and isinstance(cfg.get("vision_cfg"), dict) and isinstance(cfg.get("text_cfg"), dict)
+            and isinstance(preprocess, dict)):
+        raise ModelFileError(f"reward model {path!r}: {source} is not an open_clip model config (expected an object "
+                             "with embed_dim, vision_cfg and text_cfg)")
     cfg = dict(cfg)
-    if "multimodal_cfg" in cfg or "hf_model_name" in cfg.get("text_cfg", {}):
-        raise ModelFileError(f"reward model {path!r}: open_clip architecture with a hub text tower or a "
-                             "captioning head is not a supported preference model")
+    _refuse_downloads(cfg, source)
+    if "multimodal_cfg" in cfg:
+        raise ModelFileError(f"reward model {path!r}: open_clip architecture with a captioning head is not a "
+                             "supported preference model")
     if not checkpoint.lower().endswith(MODEL_SUFFIXES):
         raise _wrong_kind(checkpoint, kind, "its extension is not a model file's")
-    state = load_tensors(checkpoint, f"{kind} checkpoint")
-    state = {k.removeprefix("module."): v for k, v in state.items()}
+    what = f"{kind} checkpoint {checkpoint!r}"
+    shapes = {k.removeprefix("module."): v for k, v in weight_shapes(checkpoint, f"{kind} checkpoint").items()}
+    shapes.pop("text.transformer.embeddings.position_ids", None)
+    check_config_sizes(cfg, f"reward model {path!r} ({source})", len(shapes))
     model_class = open_clip.CustomTextCLIP if cfg.pop("custom_text", False) else open_clip.CLIP
-    with torch.device("meta"):  # shapes only: a mismatch fails in milliseconds, not after building ViT-H
-        expected = {k: v.shape for k, v in model_class(**cfg).state_dict().items()}
-    if "logit_scale" in state and "logit_scale" in expected:
-        state["logit_scale"] = state["logit_scale"].reshape(expected["logit_scale"])
-    state.pop("text.transformer.embeddings.position_ids", None)
-    problems = ([f"missing {k}" for k in expected if k not in state]
-                + [f"unexpected {k}" for k in state if k not in expected]
-                + [f"{k}: {tuple(state[k].shape)} vs {tuple(expected[k])}" for k in expected
-                   if k in state and state[k].shape != expected[k]])
+    build = lambda: model_class(**cfg)  # noqa: E731
+    expected = {k: v.shape for k, v in meta_model(build, f"reward model {path!r} ({source})").state_dict().items()}
+    if "logit_scale" in shapes and "logit_scale" in expected and math.prod(shapes["logit_scale"]) == 1:
+        shapes["logit_scale"] = expected["logit_scale"]  # a scalar saved as () or (1,)
+    problems = shape_problems(expected, shapes)
     if problems:
         name = "from open_clip_config.json" if os.path.isdir(path) else repr(architecture)
-        raise ModelFileError(f"{kind} checkpoint {checkpoint!r} does not match open_clip architecture {name} "
+        raise ModelFileError(f"{what} does not match open_clip architecture {name} "
                              f"(wrong kind or architecture?): {len(problems)} problems, e.g. {problems[:4]}")
-    model = model_class(**cfg)
-    model.load_state_dict(state, strict=True)
-    model.to(dtype)
+    state = {k.removeprefix("module."): v for k, v in load_tensors(checkpoint, f"{kind} checkpoint").items()}
+    state.pop("text.transformer.embeddings.position_ids", None)
+    if "logit_scale" in state:
+        state["logit_scale"] = state["logit_scale"].reshape(expected["logit_scale"])
+    model = materialize(build, state, dtype, what)
     image_size = cfg["vision_cfg"].get("image_size", 224)
     image_size = image_size[0] if isinstance(image_size, (list, tuple)) else image_size
     return OpenClipPreferenceModel(

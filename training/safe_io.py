@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import tempfile
-from typing import IO, Any, Callable, Iterator
+from collections import deque
+from typing import IO, Any, Callable, Iterator, Mapping, Sequence
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
@@ -87,7 +89,9 @@ def load_pickle(path: str, what: str = "model file", device: str = "cpu") -> Any
 def load_pretrained_folder(model_class: Any, path: str, what: str, dtype: torch.dtype) -> torch.nn.Module:
     """``model_class.from_pretrained`` of a local folder (never the hub; transformers reads safetensors,
     or ``.bin`` weights only): a :class:`ModelFileError` naming ``what`` when the weights cannot be
-    read or do not match the folder's config.json."""
+    read or do not match the folder's config.json, before anything is allocated when it can tell
+    (:func:`check_pretrained_folder`)."""
+    check_pretrained_folder(model_class, path, what)
     try:
         model, info = model_class.from_pretrained(path, local_files_only=True, dtype=dtype, output_loading_info=True)
     except Exception as e:  # transformers raises OSError, SafetensorError, RuntimeError, ... by case
@@ -176,8 +180,160 @@ def load_json_object(path: str, what: str = "JSON file") -> dict:
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # RecursionError: nested too deep
         raise ModelFileError(f"{what}: {path!r} is not a readable JSON file ({e})") from e
     if not isinstance(data, dict):
         raise ModelFileError(f"{what}: {path!r} holds a {type(data).__name__}, expected a JSON object")
     return data
+
+
+# -- models built from a user's config: sizes bounded, shapes checked on the meta device, then built --
+
+LAYER_FIELDS = ("layers", "num_layers", "num_hidden_layers", "num_decoder_layers", "depth")
+SIZE_BOUNDS: dict[str, float] = {
+    **dict.fromkeys(LAYER_FIELDS, 256),
+    **dict.fromkeys(("width", "d_model", "hidden_size", "embed_dim", "projection_dim", "head_width", "d_kv",
+                     "encoder_hidden_size", "in_dim", "int_dim", "out_dim"), 16384),
+    **dict.fromkeys(("d_ff", "intermediate_size"), 65536),
+    **dict.fromkeys(("heads", "num_heads", "num_attention_heads"), 1024),
+    "vocab_size": 1_000_000,
+    **dict.fromkeys(("context_length", "max_position_embeddings", "relative_attention_num_buckets",
+                     "relative_attention_max_distance"), 8192),
+    **dict.fromkeys(("image_size", "patch_size"), 8192),
+    "mlp_ratio": 16,
+}
+"""The largest value each config field may take, far above any released model (ViT-bigG: width 1664,
+48 layers; T5-11B: d_ff 65536; vocabularies of 250k): a config naming more is refused before anything
+is built, so a 50-byte config.json cannot make a loader build terabytes of weights or thousands of layers."""
+
+
+def _config_numbers(config: Mapping[str, Any]) -> Iterator[tuple[str, str, Any]]:
+    """``(dotted name, key, value)`` of every bounded field of a nested config (lists: each item)."""
+    queue: deque[tuple[str, Any]] = deque([("", config)])
+    while queue:  # no recursion: a config nested a thousand deep is walked like any other
+        prefix, node = queue.popleft()
+        items = node.items() if isinstance(node, Mapping) else enumerate(node)
+        for key, value in items:
+            name = f"{prefix}{key}"
+            if key in SIZE_BOUNDS and not isinstance(value, Mapping):
+                for v in value if isinstance(value, (list, tuple)) else [value]:  # e.g. image_size [224, 224]
+                    yield name, key, v
+            elif isinstance(value, (Mapping, list, tuple)):
+                queue.append((name + ".", value))
+
+
+def check_config_sizes(config: Mapping[str, Any], what: str, tensor_count: int | None = None) -> None:
+    """Refuse at once a config whose sizes are far from any real model (:data:`SIZE_BOUNDS`), and one
+    that names more layers than its weight file has tensors (every layer has weights): before the
+    model is built, even on the meta device (a 250-layer model takes seconds to build there)."""
+    for name, key, value in _config_numbers(config):
+        if value is None:
+            continue
+        bound = SIZE_BOUNDS[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= bound:
+            raise ModelFileError(f"{what}: config field {name} is {value!r}; expected a number from 0 to {bound:,} "
+                                 "(no real model is larger): the config does not describe a real model")
+        if key in LAYER_FIELDS and tensor_count is not None and value > tensor_count:
+            raise ModelFileError(f"{what}: config field {name} is {value} layers but the weights hold only "
+                                 f"{tensor_count} tensors (every layer has weights): config and weights do not match")
+
+
+def weight_shapes(path: str, what: str = "model file") -> dict[str, tuple[int, ...]]:
+    """``{name: shape}`` of a weights file without reading its tensors: the safetensors header, or a
+    weights-only pickle memory-mapped (a legacy non-zip pickle is read whole; its size bounds that)."""
+    _check_file(path, what)
+    if not path.lower().endswith(SAFETENSORS_SUFFIXES):
+        return {k: tuple(v.shape) for k, v in load_tensors(path, what).items()}
+    try:
+        with safe_open(path, framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ModelFileError(f"{what}: {path!r} is not a readable safetensors file ({e})") from e
+
+
+def shape_problems(expected: Mapping[str, Sequence[int]], found: Mapping[str, Sequence[int]]) -> list[str]:
+    """What keeps a file's tensors ``found`` from loading strictly into a model expecting ``expected``."""
+    return ([f"missing {k}" for k in expected if k not in found]
+            + [f"unexpected {k}" for k in found if k not in expected]
+            + [f"{k}: {tuple(found[k])} vs {tuple(expected[k])}" for k in expected
+               if k in found and tuple(found[k]) != tuple(expected[k])])
+
+
+def meta_model(build: Callable[[], torch.nn.Module], what: str) -> torch.nn.Module:
+    """``build()`` on the meta device: every shape, no memory. A config the model class refuses is a
+    :class:`ModelFileError` naming ``what``."""
+    try:
+        with torch.device("meta"):
+            return build()
+    except ModelFileError:
+        raise
+    except Exception as e:  # model classes raise TypeError, ValueError, AssertionError, ... on bad configs
+        raise ModelFileError(f"{what}: no model can be built from its config ({type(e).__name__}: {e})") from e
+
+
+def materialize(build: Callable[[], torch.nn.Module], state: Mapping[str, torch.Tensor], dtype: torch.dtype,
+                what: str) -> torch.nn.Module:
+    """``build()`` with its parameters on the meta device (buffers, which the constructor computes,
+    real), then the checked weights ``state`` put in place (no random init, no second copy of the
+    weights), in ``dtype``. Call it once :func:`shape_problems` found nothing."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
+        model = build()
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as e:  # the checks before make this unreachable for a well-formed file
+        raise ModelFileError(f"{what}: the weights do not match the model: {e}") from e
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise ModelFileError(f"{what}: no weights for {left[:5]}")
+    return model.to(dtype)
+
+
+PRETRAINED_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                      "pytorch_model.bin.index.json")
+"""The weight files of a transformers folder, in the order ``from_pretrained`` picks them."""
+
+
+def pretrained_weight_shapes(folder: str, what: str) -> dict[str, tuple[int, ...]]:
+    """``{name: shape}`` of the weights ``from_pretrained`` would read from ``folder`` (one file or the
+    shards its index names, each a plain file name in ``folder``), from the headers only."""
+    for name in PRETRAINED_WEIGHTS:
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            continue
+        if not name.endswith(".index.json"):
+            return weight_shapes(path, what)
+        weight_map = load_json_object(path, what).get("weight_map")
+        shards = set(weight_map.values()) if isinstance(weight_map, dict) else {None}
+        if not all(isinstance(s, str) and s == os.path.basename(s) and s not in ("", ".", "..") for s in shards):
+            raise ModelFileError(f"{what}: {path!r} is not a sharded-weights index (expected a 'weight_map' of "
+                                 "tensor names to shard file names in the same folder)")
+        shapes: dict[str, tuple[int, ...]] = {}
+        for shard in sorted(shards):
+            shapes.update(weight_shapes(os.path.join(folder, shard), what))
+        return shapes
+    raise ModelFileError(f"{what}: no weights in {folder!r}; expected one of {', '.join(PRETRAINED_WEIGHTS)}")
+
+
+def check_pretrained_folder(model_class: Any, path: str, what: str) -> None:
+    """Before ``from_pretrained`` allocates anything: the folder's config.json within
+    :data:`SIZE_BOUNDS`, and the model it describes, built on the meta device, no larger than its
+    weights (``from_pretrained`` would fill the rest with random weights, in real memory, before
+    reporting them missing)."""
+    try:
+        shapes = pretrained_weight_shapes(path, what)
+    except ModelFileError as e:
+        raise ModelFileError(f"{what}: the {model_class.__name__} weights could not be read "
+                             f"(corrupt or truncated file?): {e}") from e
+    try:
+        config = model_class.config_class.from_pretrained(path, local_files_only=True)
+    except Exception as e:  # transformers raises OSError, ValueError, TypeError, ... by case
+        raise ModelFileError(f"{what}: its config.json could not be read as a "
+                             f"{model_class.config_class.__name__} ({e})") from e
+    check_config_sizes(config.to_dict(), what, len(shapes))
+    need = sum(p.numel() for p in meta_model(lambda: model_class(config), what).parameters())
+    have = sum(math.prod(shape) for shape in shapes.values())
+    if need > have:
+        raise ModelFileError(f"{what}: its config.json describes a model of {need:,} parameters but the weights "
+                             f"hold {have:,} values: config and weights do not match")

@@ -18,14 +18,15 @@ import json
 import os
 import re
 from dataclasses import dataclass, replace
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, T5Config, T5EncoderModel
 
 from .adapter import TextAdapter
 from .encode import LongPromptEncoding, SegmentOptions, TextEncoderBackend, encode_long_prompts
-from .safe_io import ModelFileError, load_tensors
+from .safe_io import (ModelFileError, check_config_sizes, load_tensors, materialize, meta_model, shape_problems,
+                      weight_shapes)
 
 T5_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 T5_TOKENIZER_FILES = ("tokenizer.json", "spiece.model")
@@ -48,14 +49,19 @@ def has_t5_tokenizer(folder: str) -> bool:
 
 
 def t5_tokenizer(folder: str) -> PreTrainedTokenizerBase:
-    """The T5 sentencepiece tokenizer from ``folder`` (``tokenizer.json`` or ``spiece.model``)."""
-    if not has_t5_tokenizer(folder):
-        raise ModelFileError(f"T5 tokenizer: {folder!r} holds none of {', '.join(T5_TOKENIZER_FILES)}")
-    return AutoTokenizer.from_pretrained(folder)
+    """The T5 sentencepiece tokenizer from the local ``folder`` (``tokenizer.json`` or ``spiece.model``);
+    never a hub name, never a download."""
+    if not os.path.isdir(folder) or not has_t5_tokenizer(folder):
+        raise ModelFileError(f"T5 tokenizer: {folder!r} is not a local folder holding one of "
+                             f"{', '.join(T5_TOKENIZER_FILES)}")
+    try:
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except Exception as e:  # transformers raises OSError, ValueError, ... by case
+        raise ModelFileError(f"T5 tokenizer: {folder!r} could not be read (tokenizer files missing or damaged): {e}") from e
 
 
-def _encoder_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The encoder's tensors under ``T5EncoderModel`` names (decoder and LM head dropped)."""
+def _encoder_state_dict(state: Mapping[str, Any]) -> dict[str, Any]:
+    """The encoder's tensors (or their shapes) under ``T5EncoderModel`` names (decoder and LM head dropped)."""
     out = {k: v for k, v in state.items() if k.startswith(("encoder.", "shared."))}
     shared = out.get("shared.weight", out.get("encoder.embed_tokens.weight"))
     if shared is not None:  # T5EncoderModel ties the two; files may hold either
@@ -63,48 +69,66 @@ def _encoder_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Te
     return out
 
 
-def t5_config_from_state_dict(state: Mapping[str, torch.Tensor], what: str = "T5 weights") -> T5Config:
-    """A ``T5Config`` read off the tensor shapes of a T5 encoder state dict.
+def t5_config_from_state_dict(state: Mapping[str, torch.Tensor | Sequence[int]], what: str = "T5 weights") -> T5Config:
+    """A ``T5Config`` read off the tensor shapes of a T5 encoder state dict (tensors or their shapes).
 
     d_model and vocab from ``shared.weight (vocab, d_model)``; layers from ``encoder.block.<i>``;
     heads and buckets from ``relative_attention_bias (buckets, heads)``; d_kv = q rows / heads;
     ``wi`` means ReLU feed-forward (T5 1.0, T5-large), ``wi_0``/``wi_1`` gated GELU (T5 1.1).
     """
+    def shape(key: str) -> tuple[int, ...]:
+        value = state[key]
+        return tuple(value.shape if isinstance(value, torch.Tensor) else value)
+
     try:
-        vocab, d_model = state["shared.weight"].shape
+        vocab, d_model = shape("shared.weight")
         blocks = {int(m.group(1)) for k in state if (m := re.match(r"encoder\.block\.(\d+)\.", k))}
-        buckets, heads = state["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"].shape
-        inner = state["encoder.block.0.layer.0.SelfAttention.q.weight"].shape[0]
+        buckets, heads = shape("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight")
+        inner = shape("encoder.block.0.layer.0.SelfAttention.q.weight")[0]
         gated = "encoder.block.0.layer.1.DenseReluDense.wi_0.weight" in state
-        wi = state["encoder.block.0.layer.1.DenseReluDense." + ("wi_0" if gated else "wi") + ".weight"]
+        d_ff = shape("encoder.block.0.layer.1.DenseReluDense." + ("wi_0" if gated else "wi") + ".weight")[0]
     except KeyError as e:
         raise ModelFileError(f"{what}: not a T5 encoder state dict (missing {e})") from e
+    except ValueError as e:  # a tensor of another rank than T5's
+        raise ModelFileError(f"{what}: not a T5 encoder state dict ({e})") from e
+    if heads < 1:
+        raise ModelFileError(f"{what}: not a T5 encoder state dict (relative_attention_bias has no heads)")
     return T5Config(
-        vocab_size=vocab, d_model=d_model, d_kv=inner // heads, d_ff=wi.shape[0], num_layers=len(blocks),
+        vocab_size=vocab, d_model=d_model, d_kv=inner // heads, d_ff=d_ff, num_layers=len(blocks),
         num_heads=heads, relative_attention_num_buckets=buckets,
         feed_forward_proj="gated-gelu" if gated else "relu", is_encoder_decoder=False,
     )
 
 
 def load_t5_encoder(path: str, dtype: torch.dtype = torch.float32) -> T5EncoderModel:
-    """A ``T5EncoderModel`` in eval mode from a transformers folder or a single safetensors file."""
+    """A ``T5EncoderModel`` in eval mode from a transformers folder or a single safetensors file.
+
+    The config (the folder's config.json, or the one read off the tensor shapes) is bounded and the
+    model built on the meta device and checked against the weight file's header before anything is
+    allocated; then the weights are put in place."""
+    what = f"T5 encoder {path!r}"
     if os.path.isdir(path):
         if not is_t5_folder(path):
             raise ModelFileError(f"T5 encoder: {path!r} has no T5 config.json (model_type 't5')")
         weights = next((os.path.join(path, w) for w in T5_WEIGHT_FILES if os.path.isfile(os.path.join(path, w))), None)
         if weights is None:
             raise ModelFileError(f"T5 encoder: no weights in {path!r}; expected one of {', '.join(T5_WEIGHT_FILES)}")
-        config = T5Config.from_pretrained(path)
-        state = _encoder_state_dict(load_tensors(weights, "T5 encoder weights"))
+        shapes = _encoder_state_dict(weight_shapes(weights, "T5 encoder weights"))
+        try:
+            config = T5Config.from_pretrained(path, local_files_only=True)
+        except Exception as e:  # transformers raises OSError, ValueError, TypeError, ... by case
+            raise ModelFileError(f"{what}: config.json is not a readable T5 config ({e})") from e
     else:
-        state = _encoder_state_dict(load_tensors(path, "T5 encoder weights"))
-        config = t5_config_from_state_dict(state, f"T5 encoder {path!r}")
-    model = T5EncoderModel(config)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:  # missing, unexpected or wrongly shaped tensors
-        raise ModelFileError(f"T5 encoder {path!r}: weights do not match the config: {e}") from e
-    return model.to(dtype).eval()
+        weights = path
+        shapes = _encoder_state_dict(weight_shapes(path, "T5 encoder weights"))
+        config = t5_config_from_state_dict(shapes, what)
+    check_config_sizes(config.to_dict(), what, len(shapes))
+    expected = {k: v.shape for k, v in meta_model(lambda: T5EncoderModel(config), what).state_dict().items()}
+    problems = shape_problems(expected, shapes)
+    if problems:
+        raise ModelFileError(f"{what}: weights do not match the config: {len(problems)} problems, e.g. {problems[:4]}")
+    state = _encoder_state_dict(load_tensors(weights, "T5 encoder weights"))
+    return materialize(lambda: T5EncoderModel(config), state, dtype, what).eval()
 
 
 @dataclass
