@@ -206,3 +206,25 @@ def test_rank_and_score_nodes_in_the_real_server(comfy_server, reward_dir):
     for i, j in enumerate(ranking["order"]):
         np.testing.assert_array_equal(ranked[i], unsorted[j])
     np.testing.assert_array_equal(top[0], unsorted[ranking["order"][0]])
+
+
+@pytest.mark.server
+def test_a_non_finite_w_sent_through_the_api_is_refused(comfy_server, reward_dir):
+    """ComfyUI's own min/max check lets NaN through (every comparison with NaN is false): the prompt
+    is refused at validation (HTTP 400, node_errors naming w), before anything runs."""
+    target = os.path.join(comfy_server.base_dir, "models", "reward_models", "tiny_denscore")
+    shutil.copytree(reward_dir / "tiny_denscore", target, dirs_exist_ok=True)
+    wf = shrink(load_example("long_prompt_sd15_api.json"), "tiny_sd15.safetensors", prefix="reward_nan")
+    del wf["7"]  # the only output left is the ranking's: the whole prompt is refused
+    for w in (float("nan"), float("inf")):
+        wf.update({
+            "20": {"class_type": "LongAlignRewardModelLoader",
+                   "inputs": {"model_name": "tiny_denscore", "kind": "denscore", "device": "cpu", "dtype": "fp32"}},
+            "21": {"class_type": "LongAlignRankByReward",
+                   "inputs": {"images": ["6", 0], "reward_model": ["20", 0], "text": "a cat.", "w": w,
+                              "direction": "builtin", "score": "reweighted", "top_k": 1}},
+            "22": {"class_type": "SaveImage", "inputs": {"images": ["21", 1], "filename_prefix": "reward_nan"}},
+        })
+        status, body = comfy_server.queue(wf)  # json.dumps writes NaN / Infinity; ComfyUI's parser reads them
+        assert status == 400, body
+        assert "w must be a finite number" in json.dumps(body["node_errors"]["21"]), body

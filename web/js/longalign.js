@@ -148,8 +148,9 @@ const COLUMNS = [
   ["reweighted", "s_w"],
 ];
 
+// null: a NaN or infinite score (the summary flags the image in "nonfinite"; it ranks last).
 function fmt(x) {
-  return typeof x === "number" ? x.toFixed(4) : "";
+  return typeof x === "number" ? x.toFixed(4) : x === null ? "non-finite" : "";
 }
 
 // Rows in display order: [image index, {field: value}] from a score summary or a ranking.
