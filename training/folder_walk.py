@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections import deque
 from typing import Iterator
 
 log = logging.getLogger(__name__)
@@ -21,17 +22,18 @@ MAX_SECONDS = 3.0
 
 def walk_folder(root: str, max_depth: int = MAX_DEPTH, max_entries: int = MAX_ENTRIES,
                 max_seconds: float = MAX_SECONDS) -> Iterator[tuple[str, list[str], list[str]]]:
-    """``os.walk(root, followlinks=True)`` top-down (sorted names), bounded: a folder whose real path
-    was visited is skipped, folders deeper than ``max_depth`` below ``root`` are not entered, and
+    """``os.walk(root, followlinks=True)`` top-down, breadth first (shallow names win: a folder
+    reached again through a link keeps its shortest name; names sorted), bounded: a folder whose
+    real path was visited is skipped, folders deeper than ``max_depth`` below ``root`` are not entered, and
     past ``max_entries`` entries or ``max_seconds`` the walk ends with a logged warning naming the bound
     (what was found so far is kept). The caller may prune the yielded folder list in place.
     Unreadable folders are skipped."""
     deadline = time.monotonic() + max_seconds
     seen: set[str] = set()
-    stack = [(root, 0)]
+    queue = deque([(root, 0)])
     entries = 0
-    while stack:
-        folder, depth = stack.pop()
+    while queue:
+        folder, depth = queue.popleft()
         real = os.path.realpath(folder)
         if real in seen:
             continue
@@ -58,4 +60,4 @@ def walk_folder(root: str, max_depth: int = MAX_DEPTH, max_entries: int = MAX_EN
         files.sort()
         yield folder, dirs, files
         if depth < max_depth:
-            stack.extend((os.path.join(folder, d), depth + 1) for d in reversed(dirs))
+            queue.extend((os.path.join(folder, d), depth + 1) for d in dirs)
