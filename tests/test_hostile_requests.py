@@ -240,6 +240,26 @@ def test_reward_and_t5_lists_end_despite_link_loops(pack, model_folder):
     assert "b/adapter/" in adapters
 
 
+def test_a_slow_listing_never_holds_the_caller_past_its_wait(pack):
+    """INPUT_TYPES runs in ComfyUI's event loop: a listing that takes long (a slow or hung disk)
+    answers with the last complete list after ``wait``, and the walk's result is used next time."""
+    import importlib
+
+    listing = importlib.import_module("comfyui_longalign.nodes.listing")
+    assert listing.listed("test-slow", lambda: ["first"], []) == ["first"]
+    gate = threading.Event()
+    start = time.monotonic()
+    assert listing.listed("test-slow", lambda: gate.wait(30) and ["second"], [], wait=0.2) == ["first"]
+    assert listing.listed("test-slow", lambda: ["not started: one walk per list at a time"], [], wait=0.2) == ["first"]
+    assert time.monotonic() - start < 1.0
+    assert listing.listed("test-never", lambda: gate.wait(30) and ["x"], [], wait=0.2) == []  # nothing yet: empty
+    gate.set()
+    deadline = time.monotonic() + 5
+    while listing.listed("test-slow", lambda: ["third"], []) != ["third"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert listing.listed("test-slow", lambda: ["fourth"], []) == ["fourth"]
+
+
 # ---- the real server ---------------------------------------------------------------------------
 
 @pytest.mark.server
