@@ -16,7 +16,7 @@ import torch
 
 from .common import format_table
 
-SUITES = ["encode", "reward", "lora_load", "sampling", "train", "align", "mfu"]
+SUITES = ["encode", "reward", "lora_load", "sampling", "train", "align", "mfu", "cli"]
 
 
 def main(argv: list[str] | None = None) -> int:

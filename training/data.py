@@ -5,8 +5,8 @@ Sources (``data.path``):
 * ``.jsonl`` / ``.csv`` / ``.parquet`` tables with ``path`` (relative to the table) and ``caption``;
 * a prompts file for the reward stages: ``.txt`` with one prompt per line, or any table above
   (only ``caption`` is read; ``prompt`` / ``text`` are accepted as the column name too).
-A missing or corrupt image is skipped and counted, never fatal: the collate step drops it and the
-trainer reports the count.
+A missing, corrupt or refused image (one over ``data.max_image_pixels``, PIL's decompression-bomb
+guard) is skipped and counted, never fatal: the collate step drops it and the trainer reports the count.
 """
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ import csv
 import io
 import json
 import os
+import sys
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +23,7 @@ from PIL import Image, UnidentifiedImageError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CAPTION_COLUMNS = ("caption", "prompt", "text")
+TABLE_COLUMNS = (f"'path' (the image file, relative to the table) and 'caption' (or {' or '.join(map(repr, CAPTION_COLUMNS[1:]))})")
 
 
 class DataError(ValueError):
@@ -75,7 +78,8 @@ def _caption(row: dict, where: str) -> str:
     for column in CAPTION_COLUMNS:
         if column in row and row[column] is not None:
             return str(row[column]).replace("\n\n", " ").strip()
-    raise DataError(f"{where}: no caption column (expected one of {', '.join(CAPTION_COLUMNS)})")
+    raise DataError(f"{where}: no caption column (expected one of {', '.join(CAPTION_COLUMNS)}; a table's columns: "
+                    f"{TABLE_COLUMNS})")
 
 
 def read_records(path: str | None, need_images: bool) -> list[Record]:
@@ -86,12 +90,18 @@ def read_records(path: str | None, need_images: bool) -> list[Record]:
         raise DataError(f"data.path {path!r} does not exist")
     if os.path.isdir(path):
         records = []
-        for name in sorted(os.listdir(path)):
-            stem, ext = os.path.splitext(name)
-            if ext.lower() in IMAGE_SUFFIXES:
-                caption_file = os.path.join(path, stem + ".txt")
-                if os.path.isfile(caption_file):
-                    records.append(Record(_read_text(caption_file).strip(), os.path.join(path, name)))
+        images = [name for name in sorted(os.listdir(path)) if os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES]
+        for name in images:
+            caption_file = os.path.join(path, os.path.splitext(name)[0] + ".txt")
+            if os.path.isfile(caption_file):
+                records.append(Record(_read_text(caption_file).strip(), os.path.join(path, name)))
+        if images and not records:
+            raise DataError(f"data.path {path!r} holds no usable records: its {len(images)} images have no captions; "
+                            f"each image needs a caption file of the same name beside it ({images[0]} + "
+                            f"{os.path.splitext(images[0])[0]}.txt), or give a table with the columns {TABLE_COLUMNS}")
+        if not images:
+            raise DataError(f"data.path {path!r} holds no usable records: no images ({', '.join(IMAGE_SUFFIXES)}) "
+                            f"with a same-named .txt caption")
     elif path.endswith(".txt"):
         if need_images:
             raise DataError(f"{path}: a .txt prompts file has no images; the align stage needs image-caption pairs")
@@ -104,7 +114,8 @@ def read_records(path: str | None, need_images: bool) -> list[Record]:
             image = None
             if need_images:
                 if not row.get("path"):
-                    raise DataError(f"{path} row {i}: no 'path' column; the align stage needs images")
+                    raise DataError(f"{path} row {i}: no 'path' column; the align stage needs images: expected the "
+                                    f"columns {TABLE_COLUMNS}")
                 image = os.path.join(base, str(row["path"]))
             records.append(Record(caption, image))
     if not records:
@@ -112,21 +123,43 @@ def read_records(path: str | None, need_images: bool) -> list[Record]:
     return records
 
 
-class ImageCaptionDataset(torch.utils.data.Dataset):
-    """(pixel_values in [-1, 1], caption); ``None`` for an image that is missing or corrupt."""
+def warn_if_batch_exceeds_data(records: list[Record], batch_size: int, processes: int = 1) -> None:
+    """Tell the user (stderr) when one step asks for more samples than the data holds: every batch is
+    then the whole data set, smaller than configured, and an epoch is a single step."""
+    wanted = batch_size * processes
+    if wanted > len(records):
+        print(f"[data] warning: data.batch_size {batch_size} x {processes} process(es) = {wanted} samples per step, "
+              f"but the data holds only {len(records)}: each batch is the whole data set ({len(records)} samples), "
+              f"one step per epoch", file=sys.stderr, flush=True)
 
-    def __init__(self, records: list[Record], resolution: int):
-        self.records, self.resolution = records, resolution
+
+class ImageCaptionDataset(torch.utils.data.Dataset):
+    """(pixel_values in [-1, 1], caption); ``None`` for an image that is missing, corrupt, or larger than
+    ``max_pixels`` (PIL's decompression-bomb guard: refused, never decoded)."""
+
+    def __init__(self, records: list[Record], resolution: int, max_pixels: int | None = Image.MAX_IMAGE_PIXELS):
+        self.records, self.resolution, self.max_pixels = records, resolution, max_pixels
 
     def __len__(self) -> int:
         return len(self.records)
 
+    def _open(self, path: str) -> Image.Image:
+        """The RGB image; PIL's bomb warning (over ``max_pixels``) is an error here, as its 2x error is."""
+        limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, self.max_pixels
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(path) as im:
+                    return im.convert("RGB")
+        finally:
+            Image.MAX_IMAGE_PIXELS = limit
+
     def __getitem__(self, i: int) -> dict | None:
         record = self.records[i]
         try:
-            with Image.open(record.image_path) as im:
-                image = im.convert("RGB")
-        except (OSError, UnidentifiedImageError, ValueError):
+            image = self._open(record.image_path)
+        except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError,
+                Image.DecompressionBombWarning):
             return None
         # resize the short side to the resolution, centre crop (as the reference)
         w, h = image.size
