@@ -31,6 +31,16 @@ def _cli(stage: str, *argv: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120, env=env)
 
 
+@pytest.mark.parametrize("tool, argv", [("export_merged", ["--help"]), ("export_merged", ["--tiny"]),
+                                        ("convert_lora", ["--help"]), ("convert_lora", ["in.pt", "out.bin"])])
+def test_the_conversion_tools_answer_help_and_argument_errors_before_torch_is_imported(tool, argv):
+    out = _cli(tool, *argv)
+    assert out.returncode == (0 if argv == ["--help"] else 2), out.stderr[-2000:]
+    assert ("usage:" in out.stdout) if argv == ["--help"] else ("error:" in out.stderr)
+    assert "import time:" in out.stderr
+    assert not _imported(out.stderr) & set(HEAVY), sorted(_imported(out.stderr) & set(HEAVY))
+
+
 def _imported(stderr: str) -> set[str]:
     """Top-level packages in ``-X importtime``'s report (lines ``import time: self | cumulative | name``)."""
     return {m.group(1).split(".")[0] for m in re.finditer(r"^import time:.*\|\s+([\w.]+)\s*$", stderr, re.M)}

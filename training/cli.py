@@ -33,13 +33,13 @@ def main(stage: str, argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     from .data import DataError
-    from .safe_io import ModelFileError
+    from .safe_io import ModelFileError, OutputError
     from .stages import BUILDERS
     from .trainer import TrainingError, train
 
     try:
         train(cfg, BUILDERS[stage])
-    except (ConfigError, DataError, ModelFileError, TrainingError) as e:
+    except (ConfigError, DataError, ModelFileError, OutputError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

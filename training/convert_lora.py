@@ -14,12 +14,12 @@ import json
 import sys
 from typing import Sequence
 
-from .lora_format import REFERENCE_RANK, load_reference_lora, lora_layers, sd15_unet_config
-from .safe_io import ModelFileError, load_json_object, save_tensors
-
 
 def convert(src: str, dst: str, unet_config: dict | None = None) -> dict[str, str]:
     """Convert ``src`` to ``dst``; returns the metadata written into the safetensors header."""
+    from .lora_format import REFERENCE_RANK, load_reference_lora, lora_layers, sd15_unet_config
+    from .safe_io import save_tensors
+
     config = sd15_unet_config() if unet_config is None else unet_config
     named = load_reference_lora(src, config)
     ranks = sorted({int(v) for k, v in named.items() if k.endswith(".alpha")})
@@ -50,6 +50,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.dst.lower().endswith(".safetensors"):
         parser.error(f"OUT must end with .safetensors, got {args.dst!r}")
+    from .safe_io import ModelFileError, load_json_object  # after parsing: --help answers before torch loads
+
     try:
         config = load_json_object(args.unet_config, "--unet-config") if args.unet_config else None
         meta = convert(args.src, args.dst, config)

@@ -4,7 +4,8 @@
 
 LoRAs: our trainer's ``lora_weights.safetensors`` (kohya names) or LongSD's reference ``.pt`` lists,
 each with a strength (``path`` or ``path:strength``). The folder is written beside its destination
-and renamed when complete.
+and renamed when complete. An existing destination is replaced only if it is one of our outputs
+(or a diffusers UNet folder of the same files); a folder holding anything else is refused, untouched.
 """
 from __future__ import annotations
 
@@ -12,14 +13,13 @@ import argparse
 import os
 import shutil
 import sys
-
-import torch
+import tempfile
 
 from .config import ModelConfig
-from .lora import merge_kohya_lora
-from .lora_format import load_reference_lora
-from .models import load_components
-from .safe_io import ModelFileError, commit_folder, load_tensors
+
+UNET_FILES = ("config.json", "diffusion_pytorch_model.safetensors")
+"""What ``save_pretrained(safe_serialization=True)`` writes for one UNet."""
+DTYPES = ("fp32", "fp16", "bf16")
 
 
 def parse_lora(spec: str) -> tuple[str, float]:
@@ -33,16 +33,30 @@ def parse_lora(spec: str) -> tuple[str, float]:
     return spec, 1.0
 
 
-def export_merged(model: ModelConfig, loras: list[tuple[str, float]], out: str, dtype: torch.dtype) -> str:
+def export_merged(model: ModelConfig, loras: list[tuple[str, float]], out: str, dtype: str) -> str:
+    """Merge ``loras`` into ``model``'s UNet and write it to the folder ``out`` in ``dtype`` (fp32/fp16/bf16)."""
+    import torch
+
+    from .lora import merge_kohya_lora
+    from .lora_format import load_reference_lora
+    from .models import load_components
+    from .safe_io import check_replaceable, commit_folder, load_tensors
+
+    out = os.path.abspath(out)
+    check_replaceable(out, UNET_FILES)  # before the model load: refuse at once, not after minutes
     unet = load_components(model).unet
     for path, strength in loras:
         named = (load_reference_lora(path, {k: v for k, v in unet.config.items() if not k.startswith("_")})
                  if path.lower().endswith((".pt", ".pth")) else load_tensors(path, "LoRA"))
         merge_kohya_lora(unet, named, strength)
-    tmp = out.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    unet.to(dtype).save_pretrained(tmp, safe_serialization=True)
-    return commit_folder(tmp, out)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix="." + os.path.basename(out) + ".", suffix=".tmp", dir=os.path.dirname(out))
+    try:
+        unet.to({"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]).save_pretrained(
+            tmp, safe_serialization=True)
+        return commit_folder(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,14 +67,15 @@ def main(argv: list[str] | None = None) -> int:
     source.add_argument("--tiny", action="store_true", help="the trainer's tiny preset UNet")
     parser.add_argument("--lora", action="append", required=True, metavar="PATH[:STRENGTH]",
                         help="LoRA to merge (repeatable, applied in order)")
-    parser.add_argument("--out", required=True, help="output folder (diffusers UNet: config.json + safetensors)")
-    parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp16")
+    parser.add_argument("--out", required=True,
+                        help="output folder (diffusers UNet: config.json + safetensors); a new or empty folder, or "
+                             "one this command wrote before")
+    parser.add_argument("--dtype", choices=DTYPES, default="fp16", help="precision of the written weights")
     args = parser.parse_args(argv)
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     try:
         path = export_merged(ModelConfig(pretrained=args.pretrained, tiny=args.tiny),
-                             [parse_lora(s) for s in args.lora], args.out, dtype)
-    except (ModelFileError, ValueError) as e:
+                             [parse_lora(s) for s in args.lora], args.out, args.dtype)
+    except ValueError as e:  # ModelFileError, OutputError, bad LoRA shapes
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(path)

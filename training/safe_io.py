@@ -10,6 +10,11 @@ complete file, never a partial one. A writer killed mid-write leaves its tempora
 hidden ``.<name>.<random>.tmp`` beside the destination (nothing can clean up after SIGKILL); no
 reader of this pack or ComfyUI lists such names. Folders (checkpoints, adapters) are written under
 a ``.tmp`` name and committed with :func:`commit_folder`.
+
+Outputs get the permissions the user's umask gives (files 0666, folders 0777, less the umask), as
+any program's, not the temporary file's 0600. A folder is only ever replaced by one of ours: a
+folder we wrote carries :data:`MANIFEST`, the list of its files; an existing folder that holds a
+file neither listed there nor about to be rewritten is refused (:class:`OutputError`), never deleted.
 """
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ import os
 import shutil
 import tempfile
 from collections import deque
-from typing import IO, Any, Callable, Iterator, Mapping, Sequence
+from typing import IO, Any, Callable, Collection, Iterator, Mapping, Sequence
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -32,6 +37,14 @@ PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 
 class ModelFileError(ValueError):
     """A model file that is missing, of the wrong format, or holds the wrong content."""
+
+
+class OutputError(ValueError):
+    """An output destination that holds something we did not write, which we may not replace."""
+
+
+MANIFEST = ".longalign-output.json"
+"""Written into every folder :func:`commit_folder` publishes: the files we wrote there."""
 
 
 def _check_file(path: str, what: str) -> None:
@@ -113,12 +126,47 @@ def atomic_path(path: str) -> Iterator[str]:
     os.close(fd)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 -> what open() would have given
         _fsync(tmp)
         os.replace(tmp, path)
         _fsync_folder(folder)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
+
+
+def _umask() -> int:
+    """The process's umask (Python can only read it by setting it: set and restored at once)."""
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
+def _files(folder: str) -> set[str]:
+    """Every file under ``folder``, as ``/``-separated paths relative to it."""
+    return {os.path.relpath(os.path.join(root, name), folder).replace(os.sep, "/")
+            for root, _, names in os.walk(folder) for name in names}
+
+
+def check_replaceable(final: str, new_files: Collection[str] = ()) -> None:
+    """Refuse (:class:`OutputError`) to replace ``final`` unless it is absent, an empty folder, or a
+    folder whose every file is one we wrote (listed in its :data:`MANIFEST`) or one of ``new_files``
+    (relative paths about to be rewritten)."""
+    if os.path.islink(final) or (os.path.lexists(final) and not os.path.isdir(final)):
+        raise OutputError(f"output {final!r} exists and is not a folder (a file or a link): choose a new folder name")
+    if not os.path.isdir(final):
+        return
+    ours = set(new_files)
+    manifest = os.path.join(final, MANIFEST)
+    if os.path.isfile(manifest):
+        with contextlib.suppress(OSError, ValueError, TypeError):
+            with open(manifest, encoding="utf-8") as f:
+                ours |= {MANIFEST, *json.load(f)["files"]}
+    foreign = sorted(_files(final) - ours)
+    if foreign:
+        raise OutputError(
+            f"output folder {final!r} already holds files this program did not write ({', '.join(foreign[:5])}"
+            f"{', ...' if len(foreign) > 5 else ''}): nothing there is replaced; choose a new or empty folder")
 
 
 def _fsync(path: str) -> None:
@@ -137,16 +185,30 @@ def _fsync_folder(folder: str) -> None:
 
 
 def commit_folder(tmp: str, final: str) -> str:
-    """Make the finished folder ``tmp`` the folder ``final``: fsync every file in it, then rename it
-    over ``final`` (an old ``final`` is removed first). A reader never sees a half-written folder
-    under ``final``; after a crash before the rename only ``tmp`` is left, for the caller to ignore."""
-    for folder, _, files in os.walk(tmp):
-        for name in files:
+    """Make the finished folder ``tmp`` the folder ``final``: list its files in :data:`MANIFEST`, give
+    it the umask's mode, fsync every file, then rename it over ``final``. An existing ``final`` is
+    replaced only if :func:`check_replaceable` allows it (moved aside first, removed after the
+    rename). A reader never sees a half-written folder under ``final``; after a crash before the
+    rename only ``tmp`` is left, for the caller to ignore."""
+    files = _files(tmp) - {MANIFEST}
+    check_replaceable(final, files)
+    with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as f:
+        json.dump({"written_by": "ComfyUI-LongAlign", "files": sorted(files)}, f, indent=1)
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 -> what mkdir would have given
+    for folder, _, names in os.walk(tmp):
+        for name in names:
             _fsync(os.path.join(folder, name))
         _fsync_folder(folder)
-    shutil.rmtree(final, ignore_errors=True)
+    old = None
+    if os.path.isdir(final):
+        old = tempfile.mkdtemp(prefix="." + os.path.basename(os.path.abspath(final)) + ".", suffix=".old",
+                               dir=os.path.dirname(os.path.abspath(final)))
+        os.rmdir(old)  # a fresh name beside final, to move the old folder to
+        os.replace(final, old)
     os.replace(tmp, final)
     _fsync_folder(os.path.dirname(os.path.abspath(final)))
+    if old is not None:
+        shutil.rmtree(old)
     return final
 
 
