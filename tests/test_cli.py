@@ -41,6 +41,19 @@ def test_the_conversion_tools_answer_help_and_argument_errors_before_torch_is_im
     assert not _imported(out.stderr) & set(HEAVY), sorted(_imported(out.stderr) & set(HEAVY))
 
 
+@pytest.mark.parametrize("variable, engine", [("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")])
+def test_a_launch_with_fsdp_or_deepspeed_is_refused_before_anything_loads(tmp_path, variable, engine):
+    """``accelerate launch`` with an FSDP or DeepSpeed config tells each process through the environment."""
+    env = {**os.environ, "PYTHONPATH": REPO, variable: "true"}
+    out = subprocess.run([sys.executable, "-X", "importtime", "-m", "training.align", "--tiny", "--data.path",
+                          str(tmp_path), "--run.output_dir", str(tmp_path / "out")], cwd=REPO, capture_output=True,
+                         text=True, timeout=120, env=env)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert f"with {engine} ({variable}), which the trainer does not support" in out.stderr
+    assert "training/configs/accelerate/ddp_multi_gpu.yaml" in out.stderr
+    assert not _imported(out.stderr) & set(HEAVY) and not (tmp_path / "out").exists()
+
+
 def _imported(stderr: str) -> set[str]:
     """Top-level packages in ``-X importtime``'s report (lines ``import time: self | cumulative | name``)."""
     return {m.group(1).split(".")[0] for m in re.finditer(r"^import time:.*\|\s+([\w.]+)\s*$", stderr, re.M)}

@@ -6,6 +6,7 @@ imported only for a run.
 """
 from __future__ import annotations
 
+import os
 import sys
 
 from . import config as config_mod
@@ -22,6 +23,23 @@ DESCRIPTIONS = {
            "4 LCM steps, CFG off (ComfyUI: LoraLoader + ModelSamplingDiscrete lcm + KSampler lcm, cfg 1).",
 }
 
+UNSUPPORTED_ENGINES = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DeepSpeed",
+                       "ACCELERATE_USE_MEGATRON_LM": "Megatron-LM"}
+"""The variables ``accelerate launch`` sets for each engine but DDP. The trainer prepares the UNet and
+the optimizer separately, saves the LoRA from process 0's own copy and copies the UNet for the fast
+mode's no-grad calls: right under DDP (every process holds every weight), wrong under sharding."""
+
+
+def check_engine() -> None:
+    """Refuse, before anything loads, a launch with an engine other than DDP."""
+    for variable, engine in UNSUPPORTED_ENGINES.items():
+        if os.environ.get(variable, "false").lower() in ("1", "true", "yes"):
+            raise ConfigError(
+                f"accelerate launched this run with {engine} ({variable}), which the trainer does not support: "
+                "it trains under DDP (one process per GPU, each holding the whole model; LoRA training of SD1.5 "
+                "and SDXL fits one GPU). Launch with --config_file training/configs/accelerate/ddp_multi_gpu.yaml "
+                "(one machine) or ddp_multi_node.yaml (several)")
+
 
 def main(stage: str, argv: list[str] | None = None) -> int:
     """Parse, resolve, then import the trainer and run ``stage``; 2 with one ``error:`` line on bad input."""
@@ -29,6 +47,7 @@ def main(stage: str, argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = config_mod.resolve(stage, args)
+        check_engine()
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
