@@ -5,8 +5,10 @@ with a :class:`ModelFileError` naming the file and the field, without a connecti
 from __future__ import annotations
 
 import copy
+import importlib
 import json
 import os
+import shutil
 import socket
 import threading
 
@@ -173,8 +175,6 @@ def test_a_hub_id_as_a_reward_model_is_refused_offline():
 
 @pytest.fixture(scope="module")
 def t5_folder(tmp_path_factory, comfy):
-    import shutil
-
     folder = tmp_path_factory.mktemp("t5")
     tiny_t5_encoder().save_pretrained(str(folder))
     tokenizer = os.path.join(comfy, "comfy", "text_encoders", "t5_tokenizer")
@@ -263,7 +263,7 @@ def test_longsd_lora_list_loads_offline_and_a_hub_id_is_refused(tmp_path):
         load_reference_lora("LongSD/s28750_lora_vis.pt")
 
 
-def test_trainer_models_naming_the_hub_load_offline_and_hub_ids_are_refused(tmp_path):
+def test_trainer_models_naming_the_hub_load_offline_and_hub_ids_are_refused(tmp_path, tiny_sd15_checkpoint):
     from test_models import _write_diffusers_folder
     from training.config import ModelConfig
     from training.models import load_components
@@ -276,7 +276,40 @@ def test_trainer_models_naming_the_hub_load_offline_and_hub_ids_are_refused(tmp_
     assert load_components(ModelConfig(pretrained=str(tmp_path))).unet is not None
     with pytest.raises(ModelFileError, match="does not exist"):
         load_components(ModelConfig(pretrained="runwayml/stable-diffusion-v1-5"))
-    checkpoint = str(tmp_path / "model.safetensors")
-    save_tensors({"x": torch.zeros(1)}, checkpoint)
-    with pytest.raises(Exception):  # a hub id as the component-config folder: refused, never looked up
-        load_components(ModelConfig(pretrained=checkpoint, config="runwayml/stable-diffusion-v1-5"))
+    with pytest.raises((ModelFileError, OSError), match="runwayml/stable-diffusion-v1-5"):  # never looked up
+        load_components(ModelConfig(pretrained=tiny_sd15_checkpoint, config="runwayml/stable-diffusion-v1-5"))
+
+
+# -- the nodes: the same loaders through ComfyUI's model folders ------------------------------------
+
+def test_nodes_load_offline_and_refuse_downloading_configs(pack, open_clip_files, t5_folder, tmp_path):
+    import folder_paths
+
+    reward_root = tmp_path / "reward_models"
+    timm = reward_root / "timm_pretrained"
+    timm.mkdir(parents=True)
+    field, change = HOSTILE_OPEN_CLIP["timm_pretrained"]
+    (timm / "open_clip_config.json").write_text(json.dumps({"model_cfg": _hostile_open_clip_config(change)}))
+    os.link(os.path.join(open_clip_files["hub"], "open_clip_model.safetensors"), timm / "open_clip_model.safetensors")
+    build_tiny_clipmodel(str(reward_root / "denscore_naming_the_hub"))
+    _name_the_hub(reward_root / "denscore_naming_the_hub")
+    folder_paths.add_model_folder_path("reward_models", str(reward_root))
+    adapter = tmp_path / "adapter_naming_the_hub"
+    tiny_text_adapter(64, 8, 768).save_pretrained(str(adapter))
+    (adapter / "config.json").write_text(json.dumps({**json.loads((adapter / "config.json").read_text()),
+                                                     "_name_or_path": "LongSD/s28750_adapter"}))
+    nodes = pack.NODE_CLASS_MAPPINGS
+    longsd = importlib.import_module(pack.__name__ + ".nodes.longsd")  # the T5 Adapter Loader's loading
+    pack_error = importlib.import_module(pack.__name__ + ".training.safe_io").ModelFileError  # the pack's own copy
+
+    with torch.inference_mode():  # as ComfyUI executes nodes
+        with pytest.raises(pack_error, match=f"field {field} "):
+            nodes["LongAlignRewardModelLoader"]().load("timm_pretrained", "clip", "cpu", "fp32")
+        (model,) = nodes["LongAlignRewardModelLoader"]().load("denscore_naming_the_hub", "denscore", "cpu", "fp32")
+        assert model.kind == "denscore"
+        branch = longsd.load_t5_branch(str(t5_folder), str(adapter), torch.float32)
+        assert branch.encode(["a cat"], 8).shape == (1, 8, 768)
+        t5_file = save_tensors({k: v.clone() for k, v in tiny_t5_encoder().state_dict().items()
+                                if k != "encoder.embed_tokens.weight"}, str(tmp_path / "t5.safetensors"))
+        branch = longsd.load_t5_branch(t5_file, str(adapter), torch.float32)  # ComfyUI's own T5 tokenizer
+        assert branch.encode(["a cat"], 8).shape == (1, 8, 768)
