@@ -1,4 +1,6 @@
-"""The trainer on tiny models, on the CPU: it learns, it resumes exactly, it refuses bad input."""
+"""The trainer on tiny models, on the CPU: it learns, it resumes exactly, it refuses bad input, it
+records what ran, it logs interval means and labelled validation grids."""
+import json
 import math
 import os
 import signal
@@ -9,7 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from trainer_helpers import make_image_folder, make_prompt_file, metrics, run_stage, stage_command
+from trainer_helpers import (accelerate_launch, make_image_folder, make_prompt_file, metrics, resolve_stage, run_stage,
+                             stage_command, train_in_process)
 from comfy_inprocess import REPO
 
 
@@ -42,9 +45,11 @@ def test_align_30_steps_lowers_the_diffusion_loss(align_run):
 def test_align_writes_validation_images_and_tensorboard_logs(align_run):
     from PIL import Image
 
+    from training.validation import MIN_CELL_WIDTH, header_height
+
     for step in (15, 30):
         with Image.open(os.path.join(align_run, "samples", f"step-{step:07d}.png")) as im:
-            assert im.size == (4 * 64, 64)  # the first four captions side by side
+            assert im.width == 4 * MIN_CELL_WIDTH and im.height > header_height() + 64  # four captions, labelled
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(os.path.join(align_run, "logs", "longalign")).Reload()
@@ -64,6 +69,99 @@ def test_align_writes_a_kohya_lora_with_metadata(align_run):
         meta = f.metadata()
     assert meta["longalign.stage"] == "align" and meta["longalign.steps"] == "30"
     assert meta["longalign.rank"] == "4" and meta["longalign.base_model_hash"] == "tiny"
+    assert meta["modelspec.architecture"] == "stable-diffusion-v1/lora" and meta["ss_base_model_version"] == "sd_v1"
+
+
+def test_config_and_lora_metadata_record_the_precision_that_ran(align_run):
+    """The run asked for the default bf16; on the CPU it ran in fp32, and every record says so."""
+    from safetensors import safe_open
+
+    with open(os.path.join(align_run, "config.json"), encoding="utf-8") as f:
+        assert json.load(f)["run"]["mixed_precision"] == "no"
+    with safe_open(os.path.join(align_run, "lora_weights.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert meta["longalign.mixed_precision"] == "no"
+    assert json.loads(meta["longalign.config"])["run"]["mixed_precision"] == "no"
+    with open(os.path.join(align_run, "checkpoints", "step-0000030", "trainer_state.json"), encoding="utf-8") as f:
+        assert json.load(f)["run"]["precision"] == "no"
+
+
+def test_validation_is_on_by_default_on_a_gpu_only(monkeypatch):
+    from training.trainer import AUTO_VALIDATE_EVERY, as_run
+
+    cfg = resolve_stage("reward", "--run.mixed_precision", "bf16", "--run.device", "auto")
+    assert cfg.run.validate_every == "auto"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert as_run(cfg).run.validate_every == 0 and as_run(cfg).run.mixed_precision == "no"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    gpu = as_run(cfg)
+    assert gpu.run.validate_every == AUTO_VALIDATE_EVERY == 150 and gpu.run.mixed_precision == "bf16"
+    assert as_run(resolve_stage("reward", "--run.validate_every", "7")).run.validate_every == 7
+
+
+def test_validation_grid_is_labelled_with_the_step_and_each_prompt():
+    import numpy as np
+
+    from training.validation import MAX_LABEL_LINES, header_height, labelled_grid
+
+    images = np.full((2, 32, 32, 3), 128, np.uint8)
+    long_prompt = " ".join(["a very long prompt that goes on"] * 20)
+    a = labelled_grid(images, 10, ["a red cat", long_prompt])
+    b = labelled_grid(images, 20, ["a red cat", long_prompt])
+    c = labelled_grid(images, 10, ["a blue dog", long_prompt])
+    top = header_height()
+    assert (a[:top] < 100).any()  # the step is written
+    assert not np.array_equal(a[:top], b[:top]) and np.array_equal(a[top:], b[top:])
+    cell = a.shape[1] // 2
+    assert (a[top + 32:, :cell] < 100).any() and (a[top + 32:, cell:] < 100).any()  # each image has its label
+    assert not np.array_equal(a[top + 32:, :cell], c[top + 32:, :cell]) and np.array_equal(a[:, cell:], c[:, cell:])
+    assert a.shape[0] < top + 32 + (MAX_LABEL_LINES + 1) * 16  # a long prompt is cut, not the grid stretched
+
+
+@pytest.mark.parametrize("variant", [["--objective", "longalign"], ["--objective", "textcraftor"],
+                                     ["--objective", "comat", "--comat.w_concept", "0"], ["--sampler", "lcm"]])
+def test_reward_stages_write_validation_grids_of_fixed_prompts_and_seeds(prompts, tmp_path, variant):
+    """With the learning rate at 0 the model does not change: the grids of steps 1 and 2 are the same
+    images of the same prompts, only the step label differs."""
+    import numpy as np
+    from PIL import Image
+
+    from training.validation import header_height
+
+    out = str(tmp_path / "reward")
+    train_in_process("reward", *variant, "--data.path", prompts, "--data.batch_size", "2", "--data.resolution", "32",
+                     "--sampling.steps", "2", "--sampling.grad_steps", "1", "--run.max_steps", "2",
+                     "--run.validate_every", "1", "--run.save_every", "0", "--optim.lr", "0",
+                     "--run.output_dir", out)
+    grids = [np.asarray(Image.open(os.path.join(out, "samples", f"step-{s:07d}.png"))) for s in (1, 2)]
+    top = header_height()
+    assert grids[0].shape == grids[1].shape and grids[0].shape[1] == 4 * 128  # the four prompts
+    assert np.array_equal(grids[0][top:], grids[1][top:]) and not np.array_equal(grids[0][:top], grids[1][:top])
+    images = grids[0][top:top + 32]
+    assert images.std() > 0  # sampled images, not blank cells
+
+
+def test_logged_scalars_are_means_over_the_logging_interval(prompts, tmp_path):
+    """The same run logged every step and every 2 steps: each row of the second is the mean of the
+    first's two rows (metrics.jsonl and TensorBoard)."""
+    common = ["--data.path", prompts, "--data.batch_size", "2", "--data.resolution", "32", "--sampling.steps", "2",
+              "--sampling.grad_steps", "1", "--run.max_steps", "4", "--run.save_every", "0", "--optim.lr", "3e-3"]
+    every, pairs = str(tmp_path / "every"), str(tmp_path / "pairs")
+    train_in_process("reward", *common, "--run.output_dir", every, "--run.log_every", "1")
+    train_in_process("reward", *common, "--run.output_dir", pairs, "--run.log_every", "2",
+                     "--run.log_with", "tensorboard")
+    per_step, logged = metrics(every), metrics(pairs)
+    assert [m["step"] for m in logged] == [2, 4]
+    keys = ("loss", "reward", "score", "text_relevant", "text_irrelevant")
+    for row, first, second in ((logged[0], *per_step[0:2]), (logged[1], *per_step[2:4])):
+        for k in keys:
+            assert first[k] != second[k]
+            assert row[k] == pytest.approx((first[k] + second[k]) / 2, rel=1e-5, abs=1e-6), k
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(os.path.join(pairs, "logs", "longalign")).Reload()
+    assert [(e.step, pytest.approx(e.value, rel=1e-6)) for e in acc.Scalars("loss")] == [
+        (m["step"], m["loss"]) for m in logged]
 
 
 def test_resume_after_sigkill_matches_an_uninterrupted_run(images, tmp_path):
@@ -238,16 +336,6 @@ def test_trained_lora_loads_with_the_stock_loraloader_and_changes_the_image(alig
     images = [comfy_server.image(wf) for wf in (base, with_lora)]
     assert abs(images[0] - images[1]).max() > 0
     assert "lora key not loaded" not in comfy_server.log()[log_before:]
-
-
-def accelerate_launch() -> list[str]:
-    """``accelerate launch`` with two processes. On a machine without GPUs, ``--multi_gpu`` starts two
-    CPU processes (MULTI_CPU, gloo); ``--cpu --num_processes 2`` would need MPI."""
-    from comfy_server import free_port
-
-    return [__import__("sys").executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-            "--main_process_port", str(free_port())]
 
 
 def test_two_process_reward_run_writes_once_and_resumes(prompts, tmp_path):

@@ -57,6 +57,38 @@ def run_stage(stage: str, *args: str, timeout: float = 600, check: bool = True,
     return out
 
 
+IN_PROCESS_ARGS = ["--run.device", "cpu", "--run.mixed_precision", "no", "--run.log_with", "none"]
+"""In-process runs share accelerate's process-wide state: every one uses these settings."""
+
+
+def resolve_stage(stage: str, *args: str, tiny: bool = True):
+    """The config ``python -m training.<stage> --tiny <SMALL_ARGS> <IN_PROCESS_ARGS> args`` runs."""
+    from training import config as config_mod
+    from training.cli import DESCRIPTIONS
+
+    parser = config_mod.build_parser(stage, DESCRIPTIONS[stage])
+    argv = [*(["--tiny"] if tiny else []), *SMALL_ARGS, *IN_PROCESS_ARGS, *args]
+    return config_mod.resolve(stage, parser.parse_args(argv))
+
+
+def train_in_process(stage: str, *args: str, build_run=None) -> str:
+    """:func:`training.trainer.train` of :func:`resolve_stage`'s config in this process (no start-up cost)."""
+    from training.stages import BUILDERS
+    from training.trainer import train
+
+    return train(resolve_stage(stage, *args), build_run or BUILDERS[stage], argv=list(args))
+
+
+def accelerate_launch() -> list[str]:
+    """``accelerate launch`` with two processes. On a machine without GPUs, ``--multi_gpu`` starts two
+    CPU processes (MULTI_CPU, gloo); ``--cpu --num_processes 2`` would need MPI."""
+    from comfy_server import free_port
+
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", str(free_port())]
+
+
 def metrics(output_dir: str) -> list[dict]:
     import json
 
