@@ -101,3 +101,282 @@ def test_the_unet_reads_the_pooled_row_and_the_time_ids_of_the_latent_size(sdxl)
         other = unet(x, t, rows, added_cond_kwargs={"text_embeds": pooled, "time_ids": ids * 2}).sample
     torch.testing.assert_close(ours, direct)
     assert (ours - other).abs().max() > 1e-4
+
+
+# -- the stages on SDXL (tiny, CPU, fp32): the same objectives, the family's context -------------------
+
+CAPTIONS = ["A red cat sleeps on a sofa. The room is warm.", "A blue car on a road.", "Two dogs in the snow.",
+            "A lighthouse on a cliff. Waves crash below it."]
+
+
+def _sdxl_setup(rank: int = 4, targets: str = "reference", up_std: float = 0.0):
+    """Tiny SDXL components, frozen, with a UNet LoRA (``up_std`` > 0: non-zero up weights, so every
+    LoRA tensor gets a gradient)."""
+    from training.lora import add_lora
+
+    c = load_components(ModelConfig(tiny=True, family="sdxl"))
+    for m in c.frozen_modules():
+        m.requires_grad_(False)
+    params = add_lora(c.unet, rank, float(rank), targets=targets)
+    if up_std:
+        _perturb_lora(c.unet, up_std)
+    return c, params, c.conditioner(77)
+
+
+@torch.no_grad()
+def _perturb_lora(unet, up_std: float) -> None:
+    g = torch.Generator().manual_seed(7)
+    for name, p in unet.named_parameters():
+        if "lora_B" in name:
+            p.copy_(torch.randn(p.shape, generator=g) * up_std)
+
+
+def _train(objective, params, batch: dict, steps: int, lr: float, key: str | None = None) -> list[float]:
+    """``steps`` Adam steps on one fixed batch (same generator seed each step); the loss (or ``logs[key]``)
+    of each step."""
+    optimizer = torch.optim.Adam(params, lr=lr)
+    values = []
+    for _ in range(steps):
+        loss, logs = objective.loss(batch, torch.Generator().manual_seed(3))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        values.append(float(logs[key] if key else loss.detach()))
+    return values
+
+
+class RecordingConditioner:
+    """The conditioner, recording the captions it encodes."""
+
+    def __init__(self, inner):
+        self.inner, self.seen = inner, []
+
+    def __call__(self, captions):
+        self.seen.append(list(captions))
+        return self.inner(captions)
+
+
+def test_align_on_sdxl_lowers_the_diffusion_loss_with_caption_dropout():
+    from training.objectives.align import AlignObjective
+
+    torch.manual_seed(0)
+    c, params, conditioner = _sdxl_setup()
+    recorder = RecordingConditioner(conditioner)
+    objective = AlignObjective(c.unet, c.vae, c.scheduler, recorder, 0.1, torch.float32)
+    pixels = torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    losses = _train(objective, params, {"pixel_values": pixels, "caption": CAPTIONS, "index": list(range(4))}, 8, 3e-3)
+    print("align losses", [round(x, 4) for x in losses])
+    assert losses[-1] < 0.8 * losses[0]
+    # caption dropout (p = 0.1; this generator drops two of the four): the empty prompt, encoded for real
+    assert recorder.seen[0] == ["", CAPTIONS[1], CAPTIONS[2], ""]
+
+
+def _reward_loss_and_grads(fast: bool, decode_chunk: int):
+    from training.denoisers import CheckpointedUNet, MergedShadowUNet
+    from training.objectives.reward import RewardObjective
+    from training.tiny import tiny_reward_model
+
+    torch.manual_seed(0)
+    c, params, conditioner = _sdxl_setup(up_std=0.01)
+    denoiser = MergedShadowUNet(c.unet) if fast else CheckpointedUNet(c.unet, "unet")
+    objective = RewardObjective(denoiser, c.vae, c.scheduler, conditioner, tiny_reward_model(), (4, 8, 8), steps=6,
+                                guidance=7.5, grad_steps=2, w=0.3, gather=None, weight_dtype=torch.float32,
+                                decode_chunk=decode_chunk, reference_encodes_images=not fast)
+    loss, logs = objective.loss({"caption": CAPTIONS}, torch.Generator().manual_seed(1234))
+    loss.backward()
+    return loss.detach(), logs, torch.cat([p.grad.flatten() for p in params])
+
+
+def test_reward_on_sdxl_fast_mode_equals_reference_mode():
+    ref_loss, ref_logs, ref = _reward_loss_and_grads(fast=False, decode_chunk=0)
+    loss, logs, ours = _reward_loss_and_grads(fast=True, decode_chunk=1)
+    torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=1e-5)
+    for k in ref_logs:
+        torch.testing.assert_close(logs[k], ref_logs[k], atol=1e-6, rtol=1e-5)
+    assert ref.norm() > 0
+    assert float((ours - ref).norm() / ref.norm()) < 1e-4
+
+
+def test_reward_on_sdxl_rises_on_a_fixed_batch():
+    from training.denoisers import MergedShadowUNet
+    from training.objectives.reward import RewardObjective
+    from training.tiny import tiny_reward_model
+
+    torch.manual_seed(0)
+    c, params, conditioner = _sdxl_setup()
+    objective = RewardObjective(MergedShadowUNet(c.unet), c.vae, c.scheduler, conditioner, tiny_reward_model(),
+                                (4, 8, 8), steps=4, guidance=7.5, grad_steps=2, w=0.3, gather=None,
+                                weight_dtype=torch.float32, decode_chunk=1)
+    rewards = _train(objective, params, {"caption": CAPTIONS[:2]}, 5, 1e-2, key="reward")
+    print("rewards", [round(x, 5) for x in rewards])
+    assert rewards[-1] > rewards[0]
+
+
+def test_comat_on_sdxl_captures_mid_and_up_maps_trains_the_concentration_and_runs_its_discriminator():
+    """CoMat-SDXL's structure on the tiny model: attention LoRA, maps from the mid block and the up
+    blocks (SDXL: mid_16, up_16, up_32 at 512 px), the discriminator = the model's own UNet on the
+    encoded empty prompt (pooled) and the time ids; the token loss falls on a fixed batch."""
+    from training.attention_maps import AttentionStore, install_capture
+    from training.denoisers import CheckpointedUNet
+    from training.discriminator import DiscriminatorTrainer, LatentDiscriminator
+    from training.objectives.comat import CoMatObjective, RealLatents
+    from training.sampling import DDIM
+
+    torch.manual_seed(0)
+    c, params, conditioner = _sdxl_setup(targets="attention")
+    ddim = DDIM(c.scheduler.alphas_cumprod)
+    with torch.no_grad():
+        empty = conditioner([""])
+    d = DiscriminatorTrainer(LatentDiscriminator(c.unet, empty, ddim.timesteps(4)[-1]), lr=1e-3)
+    _perturb_lora(c.unet, 0.05)  # non-uniform attention maps, so the concentration has something to do
+    store = AttentionStore()
+    names = install_capture(c.unet, store)
+    assert names and all(n.startswith(("mid_block", "up_blocks.0")) for n in names)  # no attention at the top level
+    objective = CoMatObjective(CheckpointedUNet(c.unet), c.vae, c.scheduler, conditioner, (4, 8, 8), 4, 7.5, 2,
+                               torch.float32, captioner=None, w_concept=0.0, store=store, w_token=1.0, w_pixel=0.0,
+                               attn_steps=1, threshold=0.95, max_group_words=3, discriminator=d,
+                               real=RealLatents(c.unet, ddim, (4, 8, 8), 4, 7.5), w_adv=0.5, solver=ddim)
+    batch = {"caption": ["A red circle on a blue table.", "A green square near a yellow lamp."]}
+    loss, logs = objective.loss(batch, torch.Generator().manual_seed(3))
+    assert {n for _, n, _ in store.maps} and all(torch.isfinite(v) for v in logs.values())
+    loss.backward()
+    assert all(p.grad is not None for p in params)
+    objective.d, objective.w_adv = None, 0.0  # the token loss alone must fall
+    tokens = _train(objective, params, batch, 5, 3e-2, key="token")
+    print("token losses", [round(x, 5) for x in tokens])
+    assert tokens[-1] < 0.5 * tokens[0]
+
+
+def test_textcraftor_on_sdxl_trains_lora_on_both_text_encoders_and_saves_te1_te2(tmp_path):
+    from safetensors import safe_open
+
+    from training.config import TextCraftorConfig
+    from training.denoisers import CheckpointedUNet
+    from training.lora import add_text_encoder_lora
+    from training.objectives.textcraftor import TextCraftorObjective, TrainableTextEncoder, load_reward_terms
+
+    torch.manual_seed(0)
+    c, _, conditioner = _sdxl_setup()
+    c.unet.requires_grad_(False)
+    params = [p for te in c.text_encoders for p in add_text_encoder_lora(te, 4, 4.0)]
+    encoder = TrainableTextEncoder(conditioner, "lora", 4.0, SDXL.lora_metadata(), SDXL.lora_te_prefixes)
+    terms = load_reward_terms(TextCraftorConfig(), True, torch.device("cpu"), torch.float32)
+    objective = TextCraftorObjective(CheckpointedUNet(c.unet), c.vae, c.scheduler, encoder, terms, (4, 4, 4), 3, 7.5,
+                                     1, torch.float32)
+    rewards = _train(objective, params, {"caption": CAPTIONS[:2]}, 4, 1e-2, key="reward")
+    print("rewards", [round(x, 4) for x in rewards])
+    assert rewards[-1] > rewards[0]
+    for te in c.text_encoders:  # both encoders train (CLIP-L's last layer feeds nothing: SDXL reads its penultimate)
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in te.named_parameters() if "lora_A" in n)
+    path = encoder.save_pretrained(str(tmp_path))
+    with safe_open(path, "pt") as f:
+        keys, meta = list(f.keys()), f.metadata()
+    assert {k.split("text_model")[0] for k in keys} == {"lora_te1_", "lora_te2_"}
+    assert meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
+
+
+# -- LoRA files stock ComfyUI applies to SDXL (in-process, ComfyUI's own key maps) -------------------
+
+def comfy_tiny_sdxl_model():
+    """ComfyUI's SDXL model class (``supported_models.SDXL``, ``model_base.SDXL``) with the tiny SDXL
+    UNet's structure in ComfyUI's terms (the full-size one differs only in sizes)."""
+    import comfy.supported_models
+
+    from training.tiny import TINY_SDXL_UNET_CONFIG as D
+
+    unet_config = {
+        "use_checkpoint": False, "image_size": 32, "in_channels": 4, "out_channels": 4, "model_channels": 32,
+        "use_spatial_transformer": True, "legacy": False, "num_classes": "sequential",
+        "adm_in_channels": D["projection_class_embeddings_input_dim"], "context_dim": D["cross_attention_dim"],
+        "num_res_blocks": [1, 1], "channel_mult": [1, 2], "transformer_depth": [0, 1],
+        "transformer_depth_middle": 1, "transformer_depth_output": [0, 0, 1, 1], "use_linear_in_transformer": True,
+        "use_temporal_attention": False, "use_temporal_resblock": False,
+    }
+    model_config = comfy.supported_models.SDXL(unet_config)
+    model_config.unet_config["num_head_channels"] = 16
+    return model_config.get_model({})
+
+
+def _loaded_by_comfy(lora: dict, key_map: dict, caplog) -> dict:
+    """``comfy.lora.load_lora``'s patches; fails on any "lora key not loaded"."""
+    import logging
+
+    import comfy.lora
+
+    with caplog.at_level(logging.WARNING):
+        patches = comfy.lora.load_lora(lora, key_map)
+    assert "lora key not loaded" not in caplog.text, caplog.text
+    return patches
+
+
+@pytest.mark.parametrize("targets", ["reference", "attention"])
+def test_unet_lora_keys_all_map_onto_comfyui_sdxl(comfy, targets, caplog):
+    import comfy.lora
+
+    from training.lora import add_lora, kohya_state_dict
+    from training.tiny import tiny_sdxl_unet
+
+    model = comfy_tiny_sdxl_model()
+    key_map = comfy.lora.model_lora_keys_unet(model, {})
+    unet = tiny_sdxl_unet()
+    add_lora(unet, 4, 4.0, targets=targets)
+    lora = kohya_state_dict(unet, 4.0)
+    stems = {k.rsplit(".", 2)[0] if ".lora_" in k else k.rsplit(".", 1)[0] for k in lora}
+    assert stems and all(s.startswith("lora_unet_") for s in stems)
+    patches = _loaded_by_comfy(lora, key_map, caplog)
+    assert len(patches) == len(stems)
+    weights = model.state_dict()
+    for stem in stems:  # each onto a weight of the layer's shape
+        assert weights[key_map[stem]].shape[0] == lora[f"{stem}.lora_up.weight"].shape[0], stem
+
+
+def test_text_encoder_lora_keys_te1_te2_all_map_onto_comfyui_sdxl_clip(comfy, caplog):
+    import comfy.lora
+
+    from training.lora import add_text_encoder_lora, text_encoder_kohya_state_dict
+    from training.tiny import tiny_sdxl_text_encoders
+
+    clip_l, clip_g = tiny_sdxl_text_encoders()
+    clip = comfy_sdxl_clip(clip_l, clip_g)
+    key_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, {})
+    lora = {}
+    for encoder, prefix in zip((clip_l, clip_g), SDXL.lora_te_prefixes):
+        add_text_encoder_lora(encoder, 4, 4.0)
+        lora.update(text_encoder_kohya_state_dict(encoder, 4.0, prefix=prefix))
+    patches = _loaded_by_comfy(lora, key_map, caplog)
+    assert len(patches) == len(lora) // 3
+    assert {key_map[k.rsplit(".", 2)[0]].split(".")[0] for k in lora if k.endswith("lora_up.weight")} == {"clip_l", "clip_g"}
+
+
+# -- example configs and CoMat-SDXL defaults ---------------------------------------------------------
+
+def _resolve(stage: str, *argv: str):
+    from training.config import build_parser, resolve
+
+    return resolve(stage, build_parser(stage, "").parse_args(list(argv)))
+
+
+@pytest.mark.parametrize("name, stage", [("sdxl_align", "align"), ("sdxl_reward", "reward"), ("sdxl_comat", "reward")])
+def test_sdxl_example_configs_resolve(name, stage):
+    import os
+
+    from comfy_inprocess import REPO
+
+    cfg = _resolve(stage, "--config", os.path.join(REPO, "training", "configs", "examples", f"{name}.yaml"))
+    assert cfg.stage == stage and cfg.model.family == "sdxl" and not cfg.model.t5
+    if name == "sdxl_comat":
+        assert (cfg.data.resolution, cfg.lora.rank, cfg.lora.targets, cfg.optim.lr, cfg.data.batch_size,
+                cfg.comat.w_adv, cfg.comat.disc_lr) == (512, 128, "attention", 2e-5, 6, 0.5, 5e-5)
+    elif name == "sdxl_reward":
+        assert (cfg.data.resolution, cfg.sampling.steps, cfg.sampling.grad_steps, cfg.sampling.w) == (512, 50, 5, 0.3)
+    else:
+        assert (cfg.data.caption_dropout, cfg.lora.rank, cfg.optim.lr) == (0.1, 32, 3e-5)
+
+
+def test_comat_defaults_follow_the_model_family():
+    sdxl = _resolve("reward", "--objective", "comat", "--model.family", "sdxl")
+    assert (sdxl.data.resolution, sdxl.optim.lr, sdxl.data.batch_size, sdxl.comat.w_adv, sdxl.comat.disc_lr,
+            sdxl.lora.rank, sdxl.lora.targets, sdxl.optim.max_grad_norm) == (512, 2e-5, 6, 0.5, 5e-5, 128, "attention", 0.1)
+    sd15 = _resolve("reward", "--objective", "comat")
+    assert (sd15.optim.lr, sd15.data.batch_size, sd15.comat.w_adv) == (5e-5, 4, 1.0)
+    assert _resolve("reward", "--objective", "comat", "--model.family", "sdxl", "--optim.lr", "1e-5").optim.lr == 1e-5

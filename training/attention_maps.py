@@ -41,9 +41,10 @@ class AttentionStore:
     """What to record and what was recorded in one sampling pass.
 
     A recorded UNet call is recognised by its context tensor: :class:`RecordingDenoiser` passes a
-    fresh view of the context to that call and registers it here. Activation checkpointing re-runs
-    the call in backward with the same tensor, so the recomputation computes the same maps (the
-    checkpoint needs the same saved tensors) but does not store them again.
+    copy of the context of its own to that call and registers it here; the attention layers see it,
+    or a view of it (SDXL's UNet hook takes the pooled row off: :class:`.families.AddedConditioning`).
+    Activation checkpointing re-runs the call in backward with the same tensor, so the recomputation
+    computes the same maps (the checkpoint needs the same saved tensors) but does not store them again.
     """
 
     tokens: list[list[int]] = field(default_factory=list)
@@ -61,8 +62,8 @@ class AttentionStore:
         self.maps, self.call, self.marked = [], 0, []
 
     def ordinal(self, context: torch.Tensor) -> int | None:
-        """The recorded call ``context`` belongs to, or None."""
-        return next((call for marked, call in self.marked if marked is context), None)
+        """The recorded call ``context`` (the marked tensor or a view of it) belongs to, or None."""
+        return next((call for marked, call in self.marked if marked is context or marked is context._base), None)
 
     def record(self, call: int, name: str, attn, hidden_states: torch.Tensor, context: torch.Tensor) -> None:
         B = len(self.tokens)
@@ -126,7 +127,7 @@ class RecordingDenoiser:
         call = self.store.call
         self.store.call += 1
         if call in self.store.record_calls:
-            context = context.view_as(context)  # a tensor of its own: marks this call
+            context = context.clone()  # a tensor of its own (views of it too): marks this call
             self.store.marked.append((context, call))
         return self.inner.with_grad(x, t, context)
 

@@ -217,6 +217,15 @@ SPEC §6 CoMat, SD1.5: 50 steps, CFG 7.5, K = 5, AdamW lr 5e-5, wd 1e-2, constan
 2000 steps, LoRA rank 128 (scale 1) on to_q/to_k/to_v/to_out of every attention. The paper trains in fp16;
 ours keeps bf16 (no loss scaling for the discriminator's own step))."""
 
+FAMILY_OBJECTIVE_DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
+    ("sdxl", "comat"): {"data.resolution": 512, "optim.lr": 2e-5, "data.batch_size": 6, "comat.w_adv": 0.5,
+                        "comat.disc_lr": 5e-5},
+}
+"""Settings of an objective that differ by model family, applied over :data:`OBJECTIVE_DEFAULTS` when
+``model.family`` names the family. CoMat-SDXL (SPEC §9, CaraJ7/CoMat ``scripts/sdxl.sh``): 512 x 512,
+lr 2e-5, batch 6 per GPU, w_adv 0.5, discriminator lr 5e-5; rank-128 attention LoRA, 50 steps, K = 5,
+clip 0.1 as SD1.5's."""
+
 SAMPLER_DEFAULTS: dict[str, dict[str, Any]] = {
     "ddim": {},
     "lcm": {"sampling.steps": 4, "sampling.guidance": 0.0, "sampling.grad_steps": 4},
@@ -441,6 +450,9 @@ def resolve(stage: str, args: argparse.Namespace) -> TrainConfig:
             raise ConfigError(f"{key} = {name!r} belongs to the reward stage, this is `training.{stage}`")
         for k, v in table[name].items():
             set_value(cfg, k, v)
+    family_key = tuple(cli.get(k, file_values.get(k)) for k in ("model.family", "sampling.objective"))
+    for k, v in FAMILY_OBJECTIVE_DEFAULTS.get(family_key, {}).items():
+        set_value(cfg, k, v)
     chosen = {**file_values, **cli}
     check_sections(stage, chosen, chosen.get("sampling.objective", "longalign"), chosen.get("sampling.sampler", "ddim"))
     for key, value in file_values.items():

@@ -10,8 +10,9 @@ peft's own names are ignored by ComfyUI for SD1.x UNets.
 
 The CLIP text encoder (TextCraftor) takes LoRA on every attention projection and MLP Linear of its
 layers (``self_attn.{q,k,v,out}_proj``, ``mlp.fc1/fc2``: the layers ComfyUI's ``LORA_CLIP_MAP``
-maps), saved as ``lora_te_text_model_encoder_layers_<i>_<module>``; a fully fine-tuned encoder is
-saved as ComfyUI weight differences ``text_encoders.clip_l.transformer.<param>.diff`` / ``.diff_b``.
+maps), saved as ``lora_te_text_model_encoder_layers_<i>_<module>`` (SDXL: ``lora_te1_`` for CLIP-L,
+``lora_te2_`` for bigG); a fully fine-tuned encoder is saved as ComfyUI weight differences
+``text_encoders.clip_l.transformer.<param>.diff`` / ``.diff_b`` (SDXL's bigG: ``clip_g``).
 """
 from __future__ import annotations
 
@@ -111,14 +112,15 @@ def merge_kohya_lora(unet: torch.nn.Module, named: Mapping[str, torch.Tensor], s
 TEXT_LORA_TARGET = re.compile(r"(?:^|\.)encoder\.layers\.(\d+)\.(self_attn\.(?:q|k|v|out)_proj|mlp\.fc[12])$")
 
 
-def text_encoder_lora_targets(text_encoder: torch.nn.Module) -> dict[str, str]:
+def text_encoder_lora_targets(text_encoder: torch.nn.Module, prefix: str = "lora_te_") -> dict[str, str]:
     """``{module name: kohya name}`` of the text encoder's LoRA targets (every layer's attention
-    projections and MLP Linears), e.g. ``lora_te_text_model_encoder_layers_0_self_attn_q_proj``."""
+    projections and MLP Linears), e.g. ``lora_te_text_model_encoder_layers_0_self_attn_q_proj``
+    (``prefix``: SDXL's ``lora_te1_`` / ``lora_te2_``)."""
     targets = {}
     for name, module in text_encoder.named_modules():
         match = TEXT_LORA_TARGET.search(name)
         if match and isinstance(module, (torch.nn.Linear, BaseTunerLayer)):
-            targets[name] = f"lora_te_text_model_encoder_layers_{match[1]}_{match[2].replace('.', '_')}"
+            targets[name] = f"{prefix}text_model_encoder_layers_{match[1]}_{match[2].replace('.', '_')}"
     if not targets:
         raise ValueError("the text encoder has no encoder.layers.<i>.self_attn/mlp Linear layers (not a CLIP text model)")
     return targets
@@ -138,11 +140,11 @@ def add_text_encoder_lora(text_encoder: torch.nn.Module, rank: int, alpha: float
     return params
 
 
-def text_encoder_kohya_state_dict(text_encoder: torch.nn.Module, alpha: float,
-                                  dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
-    """The text encoder's injected LoRA under kohya ``lora_te_`` names (ComfyUI's LoraLoader, CLIP side)."""
+def text_encoder_kohya_state_dict(text_encoder: torch.nn.Module, alpha: float, dtype: torch.dtype = torch.float16,
+                                  prefix: str = "lora_te_") -> dict[str, torch.Tensor]:
+    """The text encoder's injected LoRA under kohya ``prefix`` names (ComfyUI's LoraLoader, CLIP side)."""
     out: dict[str, torch.Tensor] = {}
-    for name, kohya in text_encoder_lora_targets(text_encoder).items():
+    for name, kohya in text_encoder_lora_targets(text_encoder, prefix).items():
         layer = text_encoder.get_submodule(name)
         out[f"{kohya}.lora_down.weight"] = layer.lora_A[ADAPTER].weight.detach().to("cpu", dtype).contiguous()
         out[f"{kohya}.lora_up.weight"] = layer.lora_B[ADAPTER].weight.detach().to("cpu", dtype).contiguous()
@@ -151,25 +153,25 @@ def text_encoder_kohya_state_dict(text_encoder: torch.nn.Module, alpha: float,
 
 
 def merge_text_encoder_lora(text_encoder: torch.nn.Module, named: Mapping[str, torch.Tensor],
-                            strength: float = 1.0) -> int:
-    """Merge a ``lora_te_`` LoRA into a plain CLIP text encoder; returns the number of layers merged."""
+                            strength: float = 1.0, prefix: str = "lora_te_") -> int:
+    """Merge a ``prefix`` LoRA into a plain CLIP text encoder; returns the number of layers merged."""
     weights = {kohya: text_encoder.get_submodule(name).weight
-               for name, kohya in text_encoder_lora_targets(text_encoder).items()}
+               for name, kohya in text_encoder_lora_targets(text_encoder, prefix).items()}
     merged = _merge(weights, named, strength)
     if merged == 0:
-        raise ValueError("the LoRA has no lora_te_ weights for this text encoder's layers")
+        raise ValueError(f"the LoRA has no {prefix} weights for this text encoder's layers")
     return merged
 
 
-def comfy_clip_name(param: str) -> str:
-    """A transformers ``CLIPTextModel`` parameter name as ComfyUI's SD1.x CLIP state-dict key prefix
-    (transformers 5 drops ``text_model.`` from the names)."""
-    name = param if param.startswith("text_model.") else "text_model." + param
-    return "text_encoders.clip_l.transformer." + name
+def comfy_clip_name(param: str, clip: str = "clip_l") -> str:
+    """A transformers ``CLIPTextModel`` parameter name as ComfyUI's CLIP state-dict key prefix
+    (``clip``: ``clip_l``, SDXL's bigG ``clip_g``; transformers 5 drops ``text_model.`` from the names)."""
+    name = param if param.startswith(("text_model.", "text_projection")) else "text_model." + param
+    return f"text_encoders.{clip}.transformer." + name
 
 
 def text_encoder_diff_state_dict(text_encoder: torch.nn.Module, original: Mapping[str, torch.Tensor],
-                                 dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
+                                 dtype: torch.dtype = torch.float16, clip: str = "clip_l") -> dict[str, torch.Tensor]:
     """A fully fine-tuned encoder as ComfyUI weight differences (``.diff`` for weights, ``.diff_b``
     for biases) against ``original`` (``named_parameters`` values before training)."""
     out: dict[str, torch.Tensor] = {}
@@ -179,7 +181,7 @@ def text_encoder_diff_state_dict(text_encoder: torch.nn.Module, original: Mappin
         stem, kind = name.rsplit(".", 1)
         suffix = {"weight": "diff", "bias": "diff_b"}[kind]
         delta = p.detach().float().cpu() - original[name].float().cpu()
-        out[f"{comfy_clip_name(stem)}.{suffix}"] = delta.to(dtype).contiguous()
+        out[f"{comfy_clip_name(stem, clip)}.{suffix}"] = delta.to(dtype).contiguous()
     return out
 
 

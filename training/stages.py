@@ -7,7 +7,6 @@ from . import config as config_mod
 from .config import TrainConfig
 from .data import read_records
 from .feature_cache import FeatureCache
-from .models import model_family
 from .denoisers import CheckpointedUNet, MergedShadowUNet
 from .objectives.align import AlignObjective
 from .objectives.reward import RewardObjective
@@ -113,14 +112,14 @@ def build_textcraftor(cfg: TrainConfig, components, accelerator, dtype, conditio
 
     tc = cfg.textcraftor
     accelerator.unwrap_model(components.unet).requires_grad_(False)
-    text_encoder = components.text_encoder
-    if tc.train == "full":
-        text_encoder.float().requires_grad_(True)
-    else:
-        add_text_encoder_lora(text_encoder, tc.rank, tc.alpha)
+    for text_encoder in components.text_encoders:  # SDXL: CLIP-L and bigG
+        if tc.train == "full":
+            text_encoder.float().requires_grad_(True)
+        else:
+            add_text_encoder_lora(text_encoder, tc.rank, tc.alpha)
     encoder = TrainableTextEncoder(conditioner, tc.train, tc.alpha, {
-        **model_family(cfg.model).lora_metadata(), "longalign.base_model_hash": base_model_hash(cfg), "longalign.rank": str(tc.rank),
-        "longalign.alpha": str(tc.alpha), "longalign.config": config_mod.describe(cfg)})
+        **components.family.lora_metadata(), "longalign.base_model_hash": base_model_hash(cfg), "longalign.rank": str(tc.rank),
+        "longalign.alpha": str(tc.alpha), "longalign.config": config_mod.describe(cfg)}, components.family.lora_te_prefixes)
     terms = load_reward_terms(tc, cfg.model.tiny, accelerator.device, dtype)
     objective = TextCraftorObjective(_denoiser(cfg, components, accelerator), components.vae, components.scheduler,
                                      encoder, terms, _latent_shape(cfg, components, accelerator), cfg.sampling.steps,

@@ -64,23 +64,36 @@ class RewardTerm:
         return cos * self.model.logit_scale if self.name == "pick" else cos
 
 
-class TrainableTextEncoder(torch.nn.Module):
-    """The fine-tuned encoder as the trainer's extra module: ``forward(captions)`` is the conditioning
-    (through this module, so a DDP wrapper sees the call); ``save_pretrained(folder)`` writes the file
-    ComfyUI's LoraLoader applies to CLIP (``lora_te_*`` LoRA, or ``.diff`` weights for a full fine-tune)."""
+ENCODERS = ("text_encoder", "text_encoder_2")
+"""The backend's text encoders that train, in ``[L | G]`` order (SDXL has both)."""
+COMFY_CLIPS = ("clip_l", "clip_g")
+"""ComfyUI's name of each, for a full fine-tune's ``.diff`` keys."""
 
-    def __init__(self, conditioner: TextConditioner, mode: str, alpha: float, metadata: dict[str, str]):
+
+class TrainableTextEncoder(torch.nn.Module):
+    """The fine-tuned encoders as the trainer's extra module: ``forward(captions)`` is the conditioning
+    (through this module, so a DDP wrapper sees the call); ``save_pretrained(folder)`` writes the file
+    ComfyUI's LoraLoader applies to CLIP (LoRA under the family's ``prefixes``: ``lora_te_*``, SDXL
+    ``lora_te1_*`` and ``lora_te2_*``; or ``.diff`` weights for a full fine-tune)."""
+
+    def __init__(self, conditioner: TextConditioner, mode: str, alpha: float, metadata: dict[str, str],
+                 prefixes: tuple[str, ...] = ("lora_te_",)):
         super().__init__()
         if mode not in ("lora", "full"):
             raise ValueError(f"textcraftor.train must be 'lora' or 'full', got {mode!r}")
-        self.text_encoder = conditioner.backend.text_encoder
-        self.conditioner, self.mode, self.alpha, self.metadata = conditioner, mode, alpha, metadata
+        backend = conditioner.backend
+        self.names = [n for n in ENCODERS if getattr(backend, n, None) is not None]
+        if len(prefixes) != len(self.names):
+            raise ValueError(f"{len(self.names)} text encoders but LoRA prefixes {prefixes}")
+        for name in self.names:
+            setattr(self, name, getattr(backend, name))
+        self.conditioner, self.mode, self.alpha, self.metadata, self.prefixes = conditioner, mode, alpha, metadata, prefixes
         self.frozen: TextConditioner | None = None
-        if mode == "full":  # E_orig: a frozen copy (a plain attribute: not trained, not checkpointed)
-            backend = conditioner.backend
-            self.frozen = TextConditioner(
-                type(backend)(backend.tokenizer, copy.deepcopy(self.text_encoder).requires_grad_(False),
-                              backend.hidden_layer), conditioner.options.token_length, conditioner.t5)
+        if mode == "full":  # E_orig: frozen copies (a plain attribute: not trained, not checkpointed)
+            frozen = copy.copy(backend)
+            for name in self.names:
+                setattr(frozen, name, copy.deepcopy(getattr(backend, name)).requires_grad_(False))
+            self.frozen = TextConditioner(frozen, conditioner.options.token_length, conditioner.t5, conditioner.pooled)
 
     def forward(self, captions: list[str]) -> torch.Tensor:
         """``E_ft(captions)`` with gradient into the trained parameters."""
@@ -91,16 +104,20 @@ class TrainableTextEncoder(torch.nn.Module):
         """``E_orig(captions)``: the LoRA switched off, or the frozen copy of a fully trained encoder."""
         if self.frozen is not None:
             return self.frozen(captions)
-        with adapters_disabled(self.text_encoder):
+        with adapters_disabled(self):
             return self.conditioner(captions)
 
     def save_pretrained(self, folder: str) -> str:
-        if self.frozen is not None:
-            original = dict(self.frozen.backend.text_encoder.named_parameters())
-            tensors, name = text_encoder_diff_state_dict(self.text_encoder, original), DIFF_FILE
-        else:
-            tensors, name = text_encoder_kohya_state_dict(self.text_encoder, self.alpha), LORA_FILE
-        return save_tensors(tensors, f"{folder}/{name}", metadata={"longalign.objective": "textcraftor", **self.metadata})
+        tensors: dict[str, torch.Tensor] = {}
+        for name, prefix, clip in zip(self.names, self.prefixes, COMFY_CLIPS):
+            encoder = getattr(self, name)
+            if self.frozen is not None:
+                original = dict(getattr(self.frozen.backend, name).named_parameters())
+                tensors.update(text_encoder_diff_state_dict(encoder, original, clip=clip))
+            else:
+                tensors.update(text_encoder_kohya_state_dict(encoder, self.alpha, prefix=prefix))
+        file = DIFF_FILE if self.frozen is not None else LORA_FILE
+        return save_tensors(tensors, f"{folder}/{file}", metadata={"longalign.objective": "textcraftor", **self.metadata})
 
 
 class TextCraftorObjective(RewardObjective):
