@@ -68,3 +68,34 @@ def test_missing_or_wrong_paths_are_clear_errors(tmp_path):
         load_components(ModelConfig(pretrained=str(tmp_path)))
     with pytest.raises(ModelFileError, match="is not set"):
         load_components(ModelConfig())
+
+
+def test_component_configs_larger_than_their_weights_are_refused_before_loading(tmp_path):
+    """``safe_io.check_pretrained_folder`` on each component folder of a diffusers SD folder: the real
+    configs pass; a config naming more layers or wider blocks than the weights hold (which
+    ``from_pretrained`` would fill with random weights, in real memory) is refused, on the meta device."""
+    import pytest
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from training.safe_io import check_pretrained_folder
+
+    classes = {"unet": UNet2DConditionModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel}
+    tiny = load_components(ModelConfig(tiny=True))
+    _write_diffusers_folder(tiny, str(tmp_path))
+    for sub, model_class in classes.items():
+        check_pretrained_folder(model_class, str(tmp_path / sub), sub)
+    for sub, change, expected in [
+        ("unet", {"layers_per_block": 3}, "parameters but the weights hold"),
+        ("unet", {"block_out_channels": [4096]}, "parameters but the weights hold"),
+        ("vae", {"layers_per_block": 4}, "parameters but the weights hold"),
+        ("text_encoder", {"num_hidden_layers": 60}, "60 layers but the weights hold only"),
+        ("text_encoder", {"num_hidden_layers": 2000}, "num_hidden_layers is 2000; expected a number from 0 to 256"),
+        ("text_encoder", {"hidden_size": 1536, "intermediate_size": 6144}, "parameters but the weights hold"),
+    ]:
+        config = tmp_path / sub / "config.json"
+        original = config.read_text()
+        config.write_text(json.dumps({**json.loads(original), **change}))
+        with pytest.raises(ModelFileError, match=expected):
+            check_pretrained_folder(classes[sub], str(tmp_path / sub), f"model.pretrained {sub}")
+        config.write_text(original)

@@ -251,17 +251,19 @@ def load_json_object(path: str, what: str = "JSON file") -> dict:
 
 # -- models built from a user's config: sizes bounded, shapes checked on the meta device, then built --
 
-LAYER_FIELDS = ("layers", "num_layers", "num_hidden_layers", "num_decoder_layers", "depth")
+LAYER_FIELDS = ("layers", "num_layers", "num_hidden_layers", "num_decoder_layers", "depth", "layers_per_block",
+                "transformer_layers_per_block")
 SIZE_BOUNDS: dict[str, float] = {
     **dict.fromkeys(LAYER_FIELDS, 256),
     **dict.fromkeys(("width", "d_model", "hidden_size", "embed_dim", "projection_dim", "head_width", "d_kv",
-                     "encoder_hidden_size", "in_dim", "int_dim", "out_dim"), 16384),
+                     "encoder_hidden_size", "in_dim", "int_dim", "out_dim", "block_out_channels",
+                     "cross_attention_dim"), 16384),
     **dict.fromkeys(("d_ff", "intermediate_size"), 65536),
     **dict.fromkeys(("heads", "num_heads", "num_attention_heads"), 1024),
     "vocab_size": 1_000_000,
     **dict.fromkeys(("context_length", "max_position_embeddings", "relative_attention_num_buckets",
                      "relative_attention_max_distance"), 8192),
-    **dict.fromkeys(("image_size", "patch_size"), 8192),
+    **dict.fromkeys(("image_size", "patch_size", "sample_size"), 8192),
     "mlp_ratio": 16,
 }
 """The largest value each config field may take, far above any released model (ViT-bigG: width 1664,
@@ -353,8 +355,10 @@ def materialize(build: Callable[[], torch.nn.Module], state: Mapping[str, torch.
 
 
 PRETRAINED_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                      "pytorch_model.bin.index.json")
-"""The weight files of a transformers folder, in the order ``from_pretrained`` picks them."""
+                      "pytorch_model.bin.index.json", "diffusion_pytorch_model.safetensors",
+                      "diffusion_pytorch_model.safetensors.index.json", "diffusion_pytorch_model.bin",
+                      "diffusion_pytorch_model.bin.index.json")
+"""The weight files of a transformers (then a diffusers) folder, in the order ``from_pretrained`` picks them."""
 
 
 def pretrained_weight_shapes(folder: str, what: str) -> dict[str, tuple[int, ...]]:
@@ -381,20 +385,25 @@ def pretrained_weight_shapes(folder: str, what: str) -> dict[str, tuple[int, ...
 def check_pretrained_folder(model_class: Any, path: str, what: str) -> None:
     """Before ``from_pretrained`` allocates anything: the folder's config.json within
     :data:`SIZE_BOUNDS`, and the model it describes, built on the meta device, no larger than its
-    weights (``from_pretrained`` would fill the rest with random weights, in real memory, before
-    reporting them missing)."""
+    weights (``from_pretrained`` would fill the rest with random weights, in real memory). For a
+    transformers model class or a diffusers one (``UNet2DConditionModel``, ``AutoencoderKL``, ...)."""
     try:
         shapes = pretrained_weight_shapes(path, what)
     except ModelFileError as e:
         raise ModelFileError(f"{what}: the {model_class.__name__} weights could not be read "
                              f"(corrupt or truncated file?): {e}") from e
     try:
-        config = model_class.config_class.from_pretrained(path, local_files_only=True)
-    except Exception as e:  # transformers raises OSError, ValueError, TypeError, ... by case
-        raise ModelFileError(f"{what}: its config.json could not be read as a "
-                             f"{model_class.config_class.__name__} ({e})") from e
-    check_config_sizes(config.to_dict(), what, len(shapes))
-    need = sum(p.numel() for p in meta_model(lambda: model_class(config), what).parameters())
+        if getattr(model_class, "config_class", None) is not None:  # transformers
+            config = model_class.config_class.from_pretrained(path, local_files_only=True)
+            fields, build = config.to_dict(), lambda: model_class(config)
+        else:  # diffusers' ConfigMixin
+            config = model_class.load_config(path, local_files_only=True)
+            fields, build = dict(config), lambda: model_class.from_config(config)
+    except Exception as e:  # transformers and diffusers raise OSError, ValueError, TypeError, ... by case
+        raise ModelFileError(f"{what}: its config.json could not be read as a {model_class.__name__} "
+                             f"config ({e})") from e
+    check_config_sizes(fields, what, len(shapes))
+    need = sum(p.numel() for p in meta_model(build, what).parameters())
     have = sum(math.prod(shape) for shape in shapes.values())
     if need > have:
         raise ModelFileError(f"{what}: its config.json describes a model of {need:,} parameters but the weights "
