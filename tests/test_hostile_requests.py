@@ -153,6 +153,19 @@ def test_deep_json_and_deep_brackets_get_400_with_a_message(routes, name):
     _run(routes, scenario)
 
 
+def test_the_encode_node_refuses_deep_brackets_at_once(pack, tiny_clip_pair):
+    """ComfyUI's weight parser recurses once per bracket level, copying the text each time: the node
+    refuses a bracket bomb with a message before any tokenizing."""
+    node = pack.NODE_CLASS_MAPPINGS["LongAlignTextEncode"]()
+    for text in ("(" * 40 + "a cat" + ")" * 40, "(" * 100_000 + "a" + ")" * 100_000):
+        start = time.monotonic()
+        with pytest.raises(ValueError, match=r"LongAlign Text Encode: text: brackets are nested \d+ deep; at most 32"):
+            node.encode(tiny_clip_pair[1], text, "sentences", 240, "mean", True)
+        assert time.monotonic() - start < 2.0
+    (conditioning,) = node.encode(tiny_clip_pair[1], "(" * 32 + "a cat" + ")" * 32, "sentences", 240, "mean", True)
+    assert conditioning[0][0].shape[1] == 240
+
+
 # ---- model folders holding link loops --------------------------------------------------------
 
 def _loop_tree(root) -> None:
