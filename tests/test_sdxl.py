@@ -1,8 +1,10 @@
 """SDXL in the trainer (issue #17): the conditioning equals the node's on the same weights, the UNet
-reads the pooled embedding and the time ids of the training resolution, and the LoRA files map onto
-ComfyUI's SDXL model key for key."""
+reads the pooled embedding and the time ids of the training resolution, every stage trains on the
+tiny SDXL, the LoRA files map onto ComfyUI's SDXL model key for key, the example configs resolve, and
+an SDXL single-file checkpoint loads."""
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from training.config import ModelConfig
 from training.conditioning import split_pooled
@@ -277,14 +279,11 @@ def test_textcraftor_on_sdxl_trains_lora_on_both_text_encoders_and_saves_te1_te2
 
 # -- LoRA files stock ComfyUI applies to SDXL (in-process, ComfyUI's own key maps) -------------------
 
-def comfy_tiny_sdxl_model():
-    """ComfyUI's SDXL model class (``supported_models.SDXL``, ``model_base.SDXL``) with the tiny SDXL
-    UNet's structure in ComfyUI's terms (the full-size one differs only in sizes)."""
-    import comfy.supported_models
-
+def comfy_tiny_sdxl_unet_config() -> dict:
+    """The tiny SDXL UNet's structure in ComfyUI's (LDM) terms (the full-size one differs only in sizes)."""
     from training.tiny import TINY_SDXL_UNET_CONFIG as D
 
-    unet_config = {
+    return {
         "use_checkpoint": False, "image_size": 32, "in_channels": 4, "out_channels": 4, "model_channels": 32,
         "use_spatial_transformer": True, "legacy": False, "num_classes": "sequential",
         "adm_in_channels": D["projection_class_embeddings_input_dim"], "context_dim": D["cross_attention_dim"],
@@ -292,7 +291,14 @@ def comfy_tiny_sdxl_model():
         "transformer_depth_middle": 1, "transformer_depth_output": [0, 0, 1, 1], "use_linear_in_transformer": True,
         "use_temporal_attention": False, "use_temporal_resblock": False,
     }
-    model_config = comfy.supported_models.SDXL(unet_config)
+
+
+def comfy_tiny_sdxl_model():
+    """ComfyUI's SDXL model class (``supported_models.SDXL``, ``model_base.SDXL``) with the tiny SDXL
+    UNet's structure."""
+    import comfy.supported_models
+
+    model_config = comfy.supported_models.SDXL(comfy_tiny_sdxl_unet_config())
     model_config.unet_config["num_head_channels"] = 16
     return model_config.get_model({})
 
@@ -380,3 +386,58 @@ def test_comat_defaults_follow_the_model_family():
     sd15 = _resolve("reward", "--objective", "comat")
     assert (sd15.optim.lr, sd15.data.batch_size, sd15.comat.w_adv) == (5e-5, 4, 1.0)
     assert _resolve("reward", "--objective", "comat", "--model.family", "sdxl", "--optim.lr", "1e-5").optim.lr == 1e-5
+
+
+# -- an SDXL single-file checkpoint (LDM keys, as ComfyUI users have it) ------------------------------
+
+def build_tiny_sdxl_checkpoint(folder):
+    """The tiny SDXL components written as one SDXL-format file with ComfyUI's own converters (UNet
+    ``model.diffusion_model.*``, CLIP-L ``conditioner.embedders.0.transformer.*``, bigG in open_clip
+    names ``conditioner.embedders.1.model.*``, VAE ``first_stage_model.*``), and a config folder laid
+    out as ``training/configs/sdxl`` with the tiny sizes. Returns ``(file, config folder, components)``."""
+    import json
+    import os
+    import shutil
+
+    import comfy.diffusers_convert
+    import comfy.supported_models
+    import comfy.utils
+
+    from tiny_models import clip_ldm_state_dict
+
+    c = load_components(ModelConfig(tiny=True, family="sdxl"))
+    unet_config = comfy_tiny_sdxl_unet_config()
+    sd = {}
+    unet_sd = c.unet.state_dict()
+    for name, ldm in comfy.utils.unet_to_diffusers(unet_config).items():
+        if name in unet_sd:
+            sd["model.diffusion_model." + ldm] = unet_sd.pop(name)
+    assert not unet_sd, sorted(unet_sd)[:5]
+    clip = {f"{key}.transformer.{k}": v for key, model in (("clip_l", c.text_encoder), ("clip_g", c.text_encoder_2))
+            for k, v in clip_ldm_state_dict(model).items()}
+    sd.update(comfy.supported_models.SDXL(unet_config).process_clip_state_dict_for_saving(clip))
+    sd.update({"first_stage_model." + k: v for k, v in
+               comfy.diffusers_convert.convert_vae_state_dict(c.vae.state_dict()).items()})
+    path = os.path.join(folder, "tiny_sdxl.safetensors")
+    save_file({k: v.contiguous() for k, v in sd.items()}, path)
+    configs = os.path.join(folder, "configs")
+    shutil.copytree(SDXL.configs, configs)
+    c.unet.save_config(os.path.join(configs, "unet"))
+    c.vae.save_config(os.path.join(configs, "vae"))
+    for sub, model in (("text_encoder", c.text_encoder), ("text_encoder_2", c.text_encoder_2)):
+        with open(os.path.join(configs, sub, "config.json"), "w") as f:
+            json.dump(model.config.to_dict(), f)
+    return path, configs, c
+
+
+def test_sdxl_single_file_loads_every_component_with_the_shipped_layout(comfy, tmp_path):
+    path, configs, original = build_tiny_sdxl_checkpoint(str(tmp_path))
+    loaded = load_components(ModelConfig(pretrained=path, config=configs))
+    assert loaded.family is SDXL
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        ours, theirs = getattr(loaded, name).state_dict(), getattr(original, name).state_dict()
+        shared = [k for k in theirs if "position_ids" not in k]
+        assert shared and all(torch.equal(ours[k], theirs[k]) for k in shared), name
+    with torch.no_grad():  # the hook is installed: the loaded UNet reads the SDXL context
+        context = loaded.conditioner(77)(["a red car"])
+        loaded.unet(torch.randn(1, 4, 8, 8), torch.tensor([10]), context)
