@@ -11,7 +11,7 @@ from training.conditioning import split_pooled
 from training.encode import SegmentOptions, encode_long_prompts
 from training.families import SDXL
 from training.models import load_components
-from training.tiny import TINY_SDXL_G, TINY_SDXL_L
+from training.tiny import TINY_SDXL_G, TINY_SDXL_L, TINY_SDXL_UNET_CONFIG
 
 LONG = (
     "A weathered lighthouse stands on a cliff above a stormy sea. Waves crash against black rocks, spray "
@@ -441,3 +441,27 @@ def test_sdxl_single_file_loads_every_component_with_the_shipped_layout(comfy, t
     with torch.no_grad():  # the hook is installed: the loaded UNet reads the SDXL context
         context = loaded.conditioner(77)(["a red car"])
         loaded.unet(torch.randn(1, 4, 8, 8), torch.tensor([10]), context)
+
+
+def test_export_merged_writes_the_sdxl_unet_with_the_lora_merged(tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    from training.export_merged import export_merged
+    from training.lora import add_lora, kohya_state_dict
+    from training.safe_io import save_tensors
+    from training.tiny import tiny_sdxl_unet
+
+    trained = tiny_sdxl_unet()
+    add_lora(trained, 4, 4.0)
+    _perturb_lora(trained, 0.05)
+    lora = save_tensors(kohya_state_dict(trained, 4.0, torch.float32), str(tmp_path / "sdxl_lora.safetensors"),
+                        metadata=SDXL.lora_metadata())
+    out = export_merged(ModelConfig(tiny=True, family="sdxl"), [(lora, 1.0)], str(tmp_path / "merged"), "fp32")
+    merged = UNet2DConditionModel.from_pretrained(out).eval()
+    assert merged.config.addition_embed_type == "text_time"
+    x, t = torch.randn(1, 4, 8, 8), torch.tensor([10])
+    added = {"text_embeds": torch.randn(1, TINY_SDXL_G["projection_dim"]), "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]])}
+    context = torch.randn(1, 5, TINY_SDXL_UNET_CONFIG["cross_attention_dim"])
+    with torch.no_grad():  # the merged UNet computes what the UNet with the LoRA computes
+        torch.testing.assert_close(merged(x, t, context, added_cond_kwargs=added).sample,
+                                   trained(x, t, context, added_cond_kwargs=added).sample, atol=1e-4, rtol=1e-4)
