@@ -26,12 +26,12 @@ def opt(default: Any, help: str, **kw: Any) -> Any:
 
 @dataclass
 class ModelConfig:
-    pretrained: str | None = opt(None, "SD1.5 as a diffusers folder or a single .safetensors/.ckpt file (local)")
+    pretrained: str | None = opt(None, "SD1.5 or SDXL as a diffusers folder or a single .safetensors/.ckpt file (local)")
     tiny: bool = opt(False, "build tiny random models from configs instead (demo/tests; no files needed)")
     family: Literal["auto", "sd15", "sdxl"] = opt("auto", "model family: auto = detected from model.pretrained "
                                                   "(SD1.x or SDXL; SD2.x is refused), sd15 with --tiny; sdxl: the tiny "
                                                   "SDXL with --tiny, or a check of what model.pretrained is")
-    config: str | None = opt(None, "component configs for a single-file checkpoint (a folder like training/configs/sd15: model_index.json, unet/, vae/, text_encoder/, scheduler/); default: SD1.5's, shipped")
+    config: str | None = opt(None, "component configs for a single-file checkpoint (a folder like training/configs/sd15: model_index.json, unet/, vae/, text_encoder/, scheduler/); default: the detected family's, shipped (training/configs/sd15 or sdxl)")
     t5: str | None = opt(None, "T5 encoder folder (transformers) for the ct5f branch; omit for CLIP only")
     t5_tokenizer: str | None = opt(None, "folder with the T5 tokenizer (tokenizer.json or spiece.model); default: the t5 folder")
     adapter: str | None = opt(None, "TextAdapter folder (LongSD's s28750_adapter/); a new one (d_t5 -> 896 -> 768) if t5 is set and this is not")

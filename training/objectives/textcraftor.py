@@ -19,7 +19,8 @@ with the factors folded in); AdamW lr 1e-6, no gradient clipping. Text features 
 library's (the mean of a prompt's sentence features), re-normalised here so every term is a cosine.
 The gradient calls run on a detached input like every objective of the shared loop; the gradient
 reaches ``E_ft`` through each of the K UNet calls' context. The padding rows of the segment
-conditioning (``model.token_length`` > 77) keep the original encoder's pad embedding.
+conditioning (``model.token_length`` > 77) keep the original encoder's pad embedding. On SDXL both
+text encoders (CLIP-L and bigG) take the LoRA, saved as ``lora_te1_*`` and ``lora_te2_*``.
 """
 from __future__ import annotations
 
