@@ -77,8 +77,13 @@ class LongAlignTextEncode:
     RETURN_TYPES = ("CONDITIONING",)
     OUTPUT_TOOLTIPS = ("Conditioning for any sampler: (1, L, D) segment embeddings; (1, 2L, D) with a t5_adapter.",)
     FUNCTION = "encode"
-    CATEGORY = "conditioning/longalign"
-    DESCRIPTION = __doc__
+    CATEGORY = "LongAlign/conditioning"
+    DESCRIPTION = (
+        "Encodes a prompt of any length for Stable Diffusion. The prompt is split into sentences; each "
+        "sentence is encoded by CLIP on its own and the results are joined, then padded or cut to "
+        "token_length tokens (LongAlign, Liu et al. 2024). The stock CLIP Text Encode instead cuts long "
+        "prompts every 75 tokens, mid-sentence. Use it for the positive and the negative prompt."
+    )
 
     def encode(self, clip, text, split, token_length, pad, keep_bos, t5_adapter=None):
         options = SegmentOptions(split=split, token_length=token_length, pad=pad, keep_bos=keep_bos)

@@ -22,8 +22,15 @@ class TextEmbeddingInterpolate:
         }
 
     RETURN_TYPES = ("CONDITIONING",)
+    OUTPUT_TOOLTIPS = ("a x conditioning_ft + (1 - a) x conditioning_orig, for any sampler.",)
     FUNCTION = "interpolate"
-    CATEGORY = "conditioning/longalign"
+    CATEGORY = "LongAlign/conditioning"
+    DESCRIPTION = (
+        "Blends a prompt encoded by a fine-tuned text encoder (for example a TextCraftor LoRA loaded "
+        "with Load LoRA) with the same prompt encoded by the original one: c = a x fine-tuned + "
+        "(1 - a) x original (TextCraftor, Li et al. 2024). factor 1 keeps only the fine-tuned encoder, "
+        "0 only the original: a dial between the new style and the original model's fidelity."
+    )
 
     def interpolate(self, conditioning_ft, conditioning_orig, factor: float):
         return (interpolate_conditioning(conditioning_ft, conditioning_orig, factor),)

@@ -15,12 +15,16 @@ import torch
 from ..training.adapter import is_adapter_folder, load_text_adapter
 from ..training.folder_walk import walk_folder
 from ..training.lora_format import load_reference_lora, lora_layers, unet_config_from_ldm
-from ..training.safe_io import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, load_tensors
+from ..training.safe_io import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, ModelFileError, load_tensors
 from ..training.t5 import T5Branch, has_t5_tokenizer, is_t5_folder, load_t5_encoder, t5_tokenizer
 from .listing import listed
 from .paths import confined, resolve_in
 
 NONE = "None"
+EXPECTED_FILES = {
+    "alignment": "LongSD's alignment LoRA list (s28750_lora_vis.pt) or a safetensors LoRA",
+    "reward": "LongSD's reward LoRA list (sd15-reward-3750.pt) or a safetensors LoRA",
+}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _NOT_LOADED = ("lora key not loaded: ", "NOT LOADED ")  # ComfyUI's warnings for unmatched LoRA keys
 
@@ -129,8 +133,13 @@ class LongSDLoader:
     RETURN_TYPES = ("MODEL", "CLIP")
     OUTPUT_TOOLTIPS = ("The patched model.", "The clip, patched where a LoRA has text-encoder weights (None if no clip was given).")
     FUNCTION = "load"
-    CATEGORY = "loaders/longalign"
-    DESCRIPTION = __doc__
+    CATEGORY = "LongAlign/loaders"
+    DESCRIPTION = (
+        "Turns a stock SD1.5 checkpoint into LongSD, which follows long prompts: applies the alignment "
+        "LoRA, then the reward LoRA. Takes LongSD's released .pt files (s28750_lora_vis.pt, "
+        "sd15-reward-3750.pt) and safetensors LoRAs from models/loras. Pair it with T5 Adapter Loader "
+        "and LongAlign Text Encode for LongSD's CLIP + T5 conditioning."
+    )
 
     def load(self, model, alignment_lora, alignment_strength, reward_lora, reward_strength, clip=None):
         import folder_paths
@@ -138,7 +147,10 @@ class LongSDLoader:
         for role, name, strength in (("alignment", alignment_lora, alignment_strength), ("reward", reward_lora, reward_strength)):
             if name != NONE and strength != 0:
                 path = resolve_in(name, f"LongSD Loader: {role}_lora", folder_paths.get_folder_paths("loras"))
-                model, clip = apply_lora(model, clip, path, strength, role)
+                try:
+                    model, clip = apply_lora(model, clip, path, strength, role)
+                except ModelFileError as e:  # the file is not what this input takes
+                    raise ModelFileError(f"LongSD Loader: {role}_lora {name!r}: expected {EXPECTED_FILES[role]}; {e}") from e
         return (model, clip)
 
 
@@ -213,8 +225,12 @@ class T5AdapterLoader:
     RETURN_TYPES = ("T5_ADAPTER",)
     OUTPUT_TOOLTIPS = ("T5 encoder + TextAdapter for LongAlign Text Encode.",)
     FUNCTION = "load"
-    CATEGORY = "loaders/longalign"
-    DESCRIPTION = __doc__
+    CATEGORY = "LongAlign/loaders"
+    DESCRIPTION = (
+        "Loads LongSD's T5 branch from models/text_encoders: a T5 encoder (T5-large for LongSD) and the "
+        "TextAdapter folder (s28750_adapter/). Connect it to LongAlign Text Encode's t5_adapter input "
+        "(positive and negative) to get the CLIP + T5 conditioning of 2 x token_length tokens."
+    )
 
     def load(self, t5_name, adapter_name, dtype):
         entries = text_encoder_entries()

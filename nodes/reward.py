@@ -43,19 +43,52 @@ def _list_entries() -> list[str]:
     return sorted({e for root in roots for e in list_reward_models(root)})
 
 
+NO_MODELS = "(none: put Denscore/PickScore folders or HPSv2 .safetensors in models/reward_models)"
+"""The one entry of an empty model list: the list itself says what to do."""
+WHERE_MODELS = ("put a Denscore or PickScore model (a transformers CLIPModel folder: config.json + model.safetensors) "
+                "or an HPSv2/CLIP open_clip checkpoint (.safetensors or .pt) in ComfyUI/models/reward_models "
+                "(more folders: the key reward_models in extra_model_paths.yaml), then press R to refresh the list")
+
+
 def reward_model_entries() -> list[str]:
-    """The models of every reward_models folder (a bounded walk, off the event loop: :mod:`.listing`)."""
-    return listed("models/reward_models", _list_entries, [])
+    """The models of every reward_models folder (a bounded walk, off the event loop: :mod:`.listing`),
+    or ``[NO_MODELS]`` when there are none."""
+    return listed("models/reward_models", _list_entries, []) or [NO_MODELS]
 
 
 def resolve_model_path(name: str) -> str:
     fp = _folder_paths()
     roots = fp.get_folder_paths(FOLDER) if fp else []
+    if name == NO_MODELS:
+        raise FileNotFoundError(f"Reward Model Loader: model_name: there is no reward model yet; {WHERE_MODELS}")
     try:
         return resolve_in(name, "Reward Model Loader: model_name", roots)
     except FileNotFoundError:
-        raise FileNotFoundError(f"reward model {name!r} is not in any reward_models folder ({', '.join(roots) or 'none registered'}); "
-                                "put Denscore/PickScore CLIPModel folders or HPSv2/CLIP checkpoints in ComfyUI/models/reward_models") from None
+        raise FileNotFoundError(f"Reward Model Loader: model_name: {name!r} is not in any reward_models folder "
+                                f"({', '.join(roots) or 'none registered'}); {WHERE_MODELS}") from None
+
+
+def validate_model_name(model_name=None) -> bool | str:
+    """``VALIDATE_INPUTS`` for ``model_name``: instead of ComfyUI's "Value not in list" (a workflow
+    naming a model this machine lacks, or an empty folder), a message saying where to put which files."""
+    if model_name == NO_MODELS:
+        return f"there is no reward model yet: {WHERE_MODELS}"
+    if model_name is None or model_name in reward_model_entries():
+        return True
+    return f"{model_name!r} is not in models/reward_models: {WHERE_MODELS}"
+
+
+def device_choices() -> list[str]:
+    """``auto``, ``cpu`` and the accelerators torch sees on this machine (none offered that is absent)."""
+    choices = ["auto", "cpu"]
+    if torch.cuda.is_available():
+        count = torch.cuda.device_count()
+        choices += ["cuda"] + ([f"cuda:{i}" for i in range(count)] if count > 1 else [])
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        choices.append("mps")
+    if hasattr(torch, "xpu") and torch.xpu.is_available():
+        choices.append("xpu")
+    return choices
 
 
 def resolve_device_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
@@ -112,8 +145,9 @@ def validate_w(w=None) -> bool | str:
     return True if low <= w <= high else f"w must be between {low} and {high}, got {w}"
 
 
+IMAGES_TOOLTIP = "The images to score, e.g. a batch from VAE Decode."
 SCORING_INPUTS = {
-    "reward_model": ("REWARD_MODEL",),
+    "reward_model": ("REWARD_MODEL", {"tooltip": "From Reward Model Loader: the preference model that scores."}),
     "text": ("STRING", {"multiline": True, "tooltip": "The prompt the images were made from (any length: "
                                                        "split into sentences, their features averaged)."}),
     "w": ("FLOAT", {"default": REFERENCE_W, "min": W_RANGE[0], "max": W_RANGE[1], "step": 0.01,
@@ -138,10 +172,16 @@ class RewardModelLoader:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model_name": (reward_model_entries(), {"tooltip": "A file or folder in models/reward_models."}),
-                "kind": (list(REWARD_KINDS), {"default": "denscore"}),
-                "device": (["auto", "cpu", "cuda"], {"default": "auto"}),
-                "dtype": (["auto", "fp32", "fp16", "bf16"], {"default": "auto"}),
+                "model_name": (reward_model_entries(), {"tooltip": "A model folder or file in models/reward_models."}),
+                "kind": (list(REWARD_KINDS), {
+                    "default": "denscore",
+                    "tooltip": "What the model is: denscore or pickscore (a transformers CLIPModel folder), "
+                               "hpsv2 or clip (an open_clip checkpoint)."}),
+                "device": (device_choices(), {
+                    "default": "auto", "tooltip": "Where the model runs; auto: ComfyUI's device."}),
+                "dtype": (["auto", "fp32", "fp16", "bf16"], {
+                    "default": "auto",
+                    "tooltip": "Weights precision; auto: fp32 on the CPU, bf16 (fp16 where bf16 is missing) on a GPU."}),
             },
             "optional": {
                 "architecture": ("STRING", {
@@ -151,9 +191,16 @@ class RewardModelLoader:
         }
 
     RETURN_TYPES = ("REWARD_MODEL",)
+    OUTPUT_TOOLTIPS = ("The preference model, for Decomposed Reward Score and Rank By Reward.",)
     FUNCTION = "load"
-    CATEGORY = "longalign/reward"
-    DESCRIPTION = __doc__
+    CATEGORY = "LongAlign/reward"
+    DESCRIPTION = (
+        "Loads a preference model that scores how well an image fits a prompt: Denscore or PickScore "
+        "(a transformers CLIPModel folder) or HPSv2 or CLIP (an open_clip checkpoint), from "
+        "models/reward_models. Local files only; nothing is downloaded."
+    )
+
+    VALIDATE_INPUTS = staticmethod(validate_model_name)
 
     def load(self, model_name, kind, device, dtype, architecture="ViT-H-14"):
         dev, dt = resolve_device_dtype(device, dtype)
@@ -167,15 +214,27 @@ class DecomposedRewardScore:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"images": ("IMAGE",), **SCORING_INPUTS}, "optional": REFERENCE_INPUT}
+        return {"required": {"images": ("IMAGE", {"tooltip": IMAGES_TOOLTIP}), **SCORING_INPUTS},
+                "optional": REFERENCE_INPUT}
 
     RETURN_TYPES = ("FLOAT", "FLOAT", "FLOAT", "FLOAT", "STRING")
     RETURN_NAMES = ("total", "text_relevant", "text_irrelevant", "reweighted", "summary")
-    OUTPUT_IS_LIST = (True, True, True, True, False)
+    OUTPUT_TOOLTIPS = (
+        "One score per image: the whole preference score s (a cosine).",
+        "One per image: the part of s along the prompt's own direction (does the image show the prompt).",
+        "One per image: the part of s common to every prompt (style, quality).",
+        "One per image: text_relevant + w x text_irrelevant.",
+        "Every image's scores and the batch means as JSON, also shown on the node.",
+    )
     OUTPUT_NODE = True
     FUNCTION = "score"
-    CATEGORY = "longalign/reward"
-    DESCRIPTION = __doc__
+    CATEGORY = "LongAlign/reward"
+    DESCRIPTION = (
+        "Scores each image against its prompt with a preference model and splits the score in two "
+        "(LongAlign): text_relevant, the part that depends on the prompt, and text_irrelevant, the part "
+        "every prompt shares. reweighted = text_relevant + w x text_irrelevant. The table on the node "
+        "shows every image's scores."
+    )
 
     VALIDATE_INPUTS = staticmethod(validate_w)
 
@@ -194,7 +253,7 @@ class RankByReward:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "images": ("IMAGE",), **SCORING_INPUTS,
+                "images": ("IMAGE", {"tooltip": IMAGES_TOOLTIP}), **SCORING_INPUTS,
                 "score": (list(SCORE_FIELDS[:4]), {"default": "reweighted", "tooltip": "The score to sort by."}),
                 "top_k": ("INT", {"default": 1, "min": 1, "max": 4096, "tooltip": "Images in the top_k output."}),
             },
@@ -203,10 +262,19 @@ class RankByReward:
 
     RETURN_TYPES = ("IMAGE", "IMAGE", "STRING")
     RETURN_NAMES = ("sorted", "top_k", "ranking")
+    OUTPUT_TOOLTIPS = (
+        "The whole batch, best first.",
+        "The top_k best images.",
+        "The order, every image's scores and the batch means as JSON, also shown on the node.",
+    )
     OUTPUT_NODE = True
     FUNCTION = "rank"
-    CATEGORY = "longalign/reward"
-    DESCRIPTION = __doc__
+    CATEGORY = "LongAlign/reward"
+    DESCRIPTION = (
+        "Best of N for long prompts: scores a batch of images against the prompt with a preference model "
+        "(the decomposed reward of Decomposed Reward Score), sorts it best first and returns the top_k "
+        "best. The table on the node shows every image's rank and scores."
+    )
 
     VALIDATE_INPUTS = staticmethod(validate_w)
 
