@@ -15,7 +15,7 @@ import urllib.request
 import pytest
 
 from comfy_inprocess import REPO
-from ui_workflows import UI_EXAMPLES, load_ui, ui_to_api
+from ui_workflows import UI_EXAMPLES, load_ui, ui_to_api, write_thumbnail
 from workflows import load_example
 
 pytestmark = pytest.mark.server
@@ -129,6 +129,7 @@ def test_example_loads_with_no_missing_node_and_converts_like_the_python_side(se
                                ".element.dataset.kept !== undefined", arg=element)
     png = name.replace(".json", ".png")
     screenshot(page, os.path.join(artifacts, png), os.path.join(SCREENSHOTS, png))
+    write_thumbnail(os.path.join(SCREENSHOTS, png), name)  # the template browser's picture
     assert page.longalign_errors == []
 
 

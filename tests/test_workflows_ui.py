@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from ui_workflows import UI_EXAMPLES, check_against_object_info, load_ui, ui_to_api
-from workflows import EXAMPLES, load_example, shrink
+from workflows import load_example, shrink
 
 pytestmark = pytest.mark.server
 
@@ -18,12 +18,6 @@ pytestmark = pytest.mark.server
 @pytest.fixture(scope="module")
 def object_info(comfy_server):
     return comfy_server.get("/object_info")
-
-
-def test_every_example_file_is_a_ui_example_or_its_api_twin():
-    files = sorted(os.listdir(EXAMPLES))
-    assert set(UI_EXAMPLES) <= set(files)
-    assert all(f in UI_EXAMPLES or f.replace("_api.json", ".json") in UI_EXAMPLES for f in files), files
 
 
 @pytest.mark.parametrize("name", list(UI_EXAMPLES))

@@ -19,6 +19,27 @@ MODEL_WIDGETS = {"ckpt_name", "alignment_lora", "reward_lora", "t5_name", "adapt
 """Combo widgets that name model files: examples name the real files, a test server has tiny ones."""
 
 
+THUMBNAIL_WIDTH = 512
+
+
+def thumbnail_path(name: str) -> str:
+    """The template browser's thumbnail of ``example_workflows/<name>``: ``<stem>.jpg`` beside it."""
+    return os.path.join(EXAMPLES, os.path.splitext(name)[0] + ".jpg")
+
+
+def write_thumbnail(screenshot: str, name: str) -> str:
+    """The thumbnail of example ``name`` made from a screenshot of it (the browser test's)."""
+    from PIL import Image
+
+    with Image.open(screenshot) as im:
+        im = im.convert("RGB")
+        im = im.resize((THUMBNAIL_WIDTH, round(im.height * THUMBNAIL_WIDTH / im.width)), Image.LANCZOS)
+        path = thumbnail_path(name)
+        im.save(path + ".tmp", "JPEG", quality=85)
+    os.replace(path + ".tmp", path)
+    return path
+
+
 def load_ui(name: str) -> dict:
     with open(os.path.join(EXAMPLES, name), encoding="utf-8") as f:
         return json.load(f)

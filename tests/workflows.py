@@ -1,15 +1,21 @@
-"""The example workflows, shrunk for CPU tests (tiny checkpoint, 64x64, 2 steps)."""
+"""The API-format example workflows, shrunk for CPU tests (tiny checkpoint, 64x64, 2 steps).
+
+``example_workflows/`` holds the UI-format templates the front end lists; their API-format twins
+(what ``POST /prompt`` takes) live in ``example_workflows_api/``."""
 from __future__ import annotations
 
 import copy
 import json
 import os
 
-EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "example_workflows")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXAMPLES = os.path.join(REPO, "example_workflows")
+API_EXAMPLES = os.path.join(REPO, "example_workflows_api")
 
 
 def load_example(name: str) -> dict:
-    with open(os.path.join(EXAMPLES, name), encoding="utf-8") as f:
+    """An API-format example from :data:`API_EXAMPLES`."""
+    with open(os.path.join(API_EXAMPLES, name), encoding="utf-8") as f:
         return json.load(f)
 
 
