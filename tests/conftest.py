@@ -18,6 +18,7 @@ PACK_NAME = "ComfyUI-LongAlign"
 if REPO not in sys.path:
     sys.path.append(REPO)  # after ComfyUI: the pack's nodes/ must never shadow ComfyUI's nodes.py
 network_guard.install()  # before any test or fixture runs: no connection but loopback, ever
+network_guard.guard_subprocesses()  # the trainer CLIs and the ComfyUI server the tests start, too
 
 
 @pytest.fixture(autouse=True)

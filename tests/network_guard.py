@@ -6,16 +6,25 @@ talk to a local ComfyUI. Any other ``connect``, ``connect_ex``, ``create_connect
 lookup is recorded in :data:`attempts` and refused with :class:`NetworkBlocked`, which is not an
 ``OSError``, so no library retries it or quietly falls back. ``conftest.py`` fails the test that made
 an attempt even when the code under test caught the error (a loader wrapping every exception in its
-own error would otherwise look like a clean refusal).
+own error would otherwise look like a clean refusal). Processes the tests start (the trainer CLIs,
+the ComfyUI server) install it too, through ``tests/netguard_site/sitecustomize.py``, and append each
+attempt to the log file named by :data:`LOG_VARIABLE`, which :func:`take_attempts` reads.
 """
 from __future__ import annotations
 
+import atexit
 import ipaddress
+import os
 import socket
+import tempfile
 from typing import Any
 
 attempts: list[str] = []
 """What was tried since the last check, e.g. ``"connect ('203.0.113.7', 443)"``."""
+LOG_VARIABLE = "LONGALIGN_NETWORK_GUARD_LOG"
+SITE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "netguard_site")
+"""A folder holding only ``sitecustomize.py``: on ``PYTHONPATH``, it guards every Python subprocess."""
+_log: dict[str, Any] = {"path": None, "read": 0}
 
 
 class NetworkBlocked(RuntimeError):
@@ -52,11 +61,15 @@ def _local_address(address: Any) -> bool:
 
 def _refuse(what: str) -> None:
     attempts.append(what)
+    if _log["path"]:
+        with open(_log["path"], "a", encoding="utf-8") as f:
+            f.write(f"pid {os.getpid()}: {what}\n")
     raise NetworkBlocked(f"a test tried to reach the network: {what} (only loopback is allowed)")
 
 
-def install() -> None:
-    """Patch the socket module (once); the originals are kept on the patched functions."""
+def install(log: str | None = None) -> None:
+    """Patch the socket module (once); with ``log``, also append every attempt to that file."""
+    _log["path"] = log or _log["path"]
     if getattr(socket.socket.connect, "network_guard", False):
         return
     connect, connect_ex = socket.socket.connect, socket.socket.connect_ex
@@ -99,8 +112,24 @@ def install() -> None:
     socket.gethostbyname, socket.gethostbyname_ex = guarded_gethostbyname, guarded_gethostbyname_ex
 
 
+def guard_subprocesses() -> None:
+    """Make every Python process started from now on install the guard and log to a fresh file."""
+    fd, path = tempfile.mkstemp(prefix="longalign-network-", suffix=".log")
+    os.close(fd)
+    atexit.register(lambda: os.path.exists(path) and os.remove(path))
+    _log.update(path=path, read=0)
+    os.environ[LOG_VARIABLE] = path
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (SITE, os.environ.get("PYTHONPATH")) if p)
+
+
 def take_attempts() -> list[str]:
-    """The attempts recorded since the last call, and forget them."""
+    """The attempts made since the last call, here and in subprocesses (from the log), and forget them."""
     tried = list(attempts)
     attempts.clear()
+    if _log["path"] and os.path.exists(_log["path"]):
+        with open(_log["path"], encoding="utf-8") as f:
+            f.seek(_log["read"])
+            logged = f.read()
+            _log["read"] = f.tell()
+        tried += [line for line in logged.splitlines() if f"pid {os.getpid()}:" not in line]
     return tried

@@ -10,6 +10,8 @@ import json
 import os
 import shutil
 import socket
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -51,6 +53,20 @@ def test_the_guard_catches_a_hub_download_that_the_library_swallows(monkeypatch)
         huggingface_hub.hf_hub_download(HUB_ID, "config.json", cache_dir=os.devnull + "-none")
     tried = network_guard.take_attempts()
     assert tried and "huggingface.co" in " ".join(tried), tried
+
+
+def test_the_guard_covers_the_python_processes_the_tests_start():
+    """The trainer CLIs and the ComfyUI server run in subprocesses: they install the guard at start
+    (``tests/netguard_site``) and log each attempt, which fails the test that started them."""
+    server = socket.create_server(("127.0.0.1", 0))
+    code = ("import socket\n"
+            f"socket.create_connection(('127.0.0.1', {server.getsockname()[1]}), timeout=5).close()\n"
+            "socket.create_connection(('203.0.113.9', 80), timeout=0.2)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    server.close()
+    assert out.returncode != 0 and "NetworkBlocked" in out.stderr, out.stderr[-2000:]
+    tried = network_guard.take_attempts()
+    assert len(tried) == 1 and "203.0.113.9" in tried[0], tried
 
 
 def test_the_guard_lets_loopback_through():
