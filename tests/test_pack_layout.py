@@ -1,5 +1,6 @@
 """The pack's shape: importable outside ComfyUI, training/ free of ComfyUI, requirements sane."""
 import ast
+import json
 import os
 import subprocess
 import sys
@@ -64,3 +65,53 @@ def test_requirements_never_pull_torch():
     names = {l.split(">")[0].split("=")[0].split("<")[0].strip() for l in lines if l}
     assert not names & {"torch", "torchvision", "torchaudio"}
     assert {"diffusers", "transformers", "peft", "safetensors", "open_clip_torch", "accelerate"} <= names
+
+
+def _pyproject() -> dict:
+    import tomllib
+
+    with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
+        return tomllib.load(f)
+
+
+def test_pyproject_is_what_the_registry_asks_for():
+    project, comfy = _pyproject()["project"], _pyproject()["tool"]["comfy"]
+    assert "comfyui" not in project["name"].lower() and project["name"] == project["name"].lower()
+    assert comfy["requires-comfyui"] == ">=0.3.75"  # the oldest ComfyUI the tests run on
+    # no placeholder URL: a repository link only where one exists (none yet)
+    assert "Repository" not in project.get("urls", {}) and "example" not in json.dumps(project)
+    assert comfy["PublisherId"] and comfy["DisplayName"]
+    icon = os.path.join(REPO, "web", "icon.svg")  # what Icon will point to once the repository is public
+    svg = open(icon, encoding="utf-8").read()
+    assert svg.startswith("<svg") and 'width="400" height="400"' in svg  # the Registry takes up to 800 x 400
+
+
+def test_comfyuis_own_parser_reads_the_tested_minimum(comfy):
+    from comfy_config.config_parser import extract_node_configuration
+
+    config = extract_node_configuration(REPO)
+    assert config.project.name == "longalign" and config.project.supported_comfyui_version == ">=0.3.75"
+
+
+def _archived(paths: list[str], tmp_path) -> dict[str, bool]:
+    """Which ``paths`` the published archive keeps under ``.comfyignore`` (gitignore rules, read by git)."""
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    with open(os.path.join(REPO, ".comfyignore"), encoding="utf-8") as src, open(tmp_path / ".gitignore", "w") as dst:
+        dst.write(src.read())
+    out = subprocess.run(["git", "-C", str(tmp_path), "check-ignore", "--no-index", "--stdin"], input="\n".join(paths),
+                         capture_output=True, text=True)
+    ignored = set(out.stdout.split())
+    return {p: p not in ignored for p in paths}
+
+
+def test_comfyignore_keeps_tests_benchmarks_screenshots_and_scripts_out(tmp_path):
+    out = ["tests/test_server.py", "bench/reward.py", "docs/screenshots/best_of_n_scores.png", "scripts/demo.py",
+           "tests/workflows.py"]
+    kept = ["__init__.py", "nodes/encode.py", "training/encode.py", "web/js/longalign.js", "web/icon.svg",
+            "example_workflows/long_prompt_sd15.json", "example_workflows/long_prompt_sd15.jpg",
+            "example_workflows_api/long_prompt_sd15_api.json", "README.md", "LICENSE", "pyproject.toml",
+            "requirements.txt", "training/configs/examples/align.yaml"]
+    archived = _archived(out + kept, tmp_path)
+    assert [p for p in out if archived[p]] == [] and [p for p in kept if not archived[p]] == []
+    for path in kept[:7]:
+        assert os.path.exists(os.path.join(REPO, path)), path
