@@ -89,6 +89,39 @@ def node_eval(page, node_id: int, body: str):
     return page.evaluate(f"(id) => {{ const node = app.graph.getNodeById(id); return {body}; }}", node_id)
 
 
+VISIBLE_JS = """([id, widgetName]) => {
+    const node = app.graph.getNodeById(id);
+    const panel = node.widgets.find(w => w.name === widgetName).element;
+    const canvas = app.canvas.canvas.getBoundingClientRect();
+    const [scale, [ox, oy]] = [app.canvas.ds.scale, app.canvas.ds.offset];
+    const box = {left: canvas.left + (node.pos[0] + ox) * scale, right: canvas.left + (node.pos[0] + node.size[0] + ox) * scale,
+                 top: canvas.top + (node.pos[1] - LiteGraph.NODE_TITLE_HEIGHT + oy) * scale,
+                 bottom: canvas.top + (node.pos[1] + node.size[1] + oy) * scale};
+    const parts = panel.children.length ? [...panel.children] : [panel];
+    const problems = [];
+    if (getComputedStyle(panel).display === 'none' || panel.getClientRects().length === 0) problems.push('panel hidden');
+    if (panel.scrollHeight > panel.clientHeight + 1) problems.push(`clipped: ${panel.scrollHeight} > ${panel.clientHeight}`);
+    for (const part of parts) {
+        const r = part.getBoundingClientRect();
+        if (r.width === 0 || r.height === 0) problems.push(`empty: ${part.textContent}`);
+        if (r.left < box.left - 1 || r.right > box.right + 1 || r.top < box.top - 1 || r.bottom > box.bottom + 1)
+            problems.push(`outside the node: ${part.textContent} ${JSON.stringify(r)} ${JSON.stringify(box)}`);
+        if (part.scrollWidth > part.clientWidth + 1) problems.push(`cut: ${part.textContent}`);
+    }
+    const panelBox = panel.getBoundingClientRect();
+    if (panelBox.bottom > box.bottom + 1) problems.push('panel below the node');
+    return {text: parts.map(p => p.textContent), problems};
+}"""
+
+
+def visible_text(page, node_id: int, widget_name: str) -> list[str]:
+    """The lines of a node's panel, each asserted to lie whole inside the rendered node."""
+    page.wait_for_timeout(200)  # the DOM widgets follow the canvas on the next frame
+    shown = page.evaluate(VISIBLE_JS, [node_id, widget_name])
+    assert shown["problems"] == [], shown
+    return shown["text"]
+
+
 def wait_for_history(server, node_id: str, timeout: float = 60.0) -> dict:
     """The finished history entry with an output from ``node_id`` (the UI shows a node's output
     before the whole prompt, and its history entry, is done)."""
@@ -150,9 +183,9 @@ def test_the_counter_shows_the_servers_segment_and_token_counts(server, page, ar
     assert shown["data"]["segments"] == str(n)
     assert shown["data"]["tokens"] == ",".join(str(s["tokens"]) for s in expected["segments"])
     assert shown["data"]["state"] == "truncated" and shown["color"] == "rgb(240, 160, 48)"
-    cut = expected["kept_tokens"] - 240
-    assert shown["lines"] == [f"{n} segments · kept {expected['kept_tokens']} / L = 240 · truncated: the last {cut} are cut",
+    assert shown["lines"] == [f"240 of {expected['kept_tokens']} tokens kept · {n} segments · the rest is cut",
                               "per segment: " + " + ".join(str(s["tokens"]) for s in expected["segments"])]
+    assert visible_text(page, 2, "longalign_counter") == shown["lines"]
     assert shown["title"].splitlines()[0] == f"1. [{expected['segments'][0]['tokens']}] {expected['segments'][0]['text']}"
     screenshot(page, os.path.join(artifacts, "counter_truncated.png"), os.path.join(SCREENSHOTS, "counter_truncated.png"))
 
@@ -162,12 +195,42 @@ def test_the_counter_shows_the_servers_segment_and_token_counts(server, page, ar
     page.wait_for_function(f"(id) => {{ const node = app.graph.getNodeById(id); return {counter}.dataset.kept === '11'; }}",
                            arg=2, timeout=15_000)
     assert node_eval(page, 2, f"{counter}.dataset.state") == "ok"
-    assert node_eval(page, 2, f"[...{counter}.children].map(d => d.textContent)") == [
-        "2 segments · kept 11 (L = 0: natural length)", "per segment: 4 + 7"]
+    assert visible_text(page, 2, "longalign_counter") == [
+        "11 tokens · 2 segments · L = 0: natural length, nothing cut", "per segment: 4 + 7"]
+
+
+def test_the_counter_is_whole_inside_a_new_node_of_the_default_width(server, page):
+    load(page, load_ui("long_prompt_sd15.json"))
+    text = load_example("long_prompt_sd15_api.json")["2"]["inputs"]["text"] * 2  # many segments, cut at 240
+    status, expected = server.request("/longalign/tokenize", {"text": text, "token_length": 240, "split": "sentences"})
+    assert status == 200 and expected["truncated"] and len(expected["segments"]) > 8
+    node_id = page.evaluate("""(text) => {
+        const node = LiteGraph.createNode('LongAlignTextEncode');
+        const [ox, oy] = app.canvas.ds.offset;
+        node.pos = [40 - ox, 80 - oy];  // the top left of the view
+        app.graph.add(node);
+        node.widgets.find(w => w.name === 'text').value = text;
+        node.longalignRefreshCounter();
+        return node.id;
+    }""", text)
+    counter = "node.widgets.find(w => w.name === 'longalign_counter').element"
+    page.wait_for_function(f"(id) => {{ const node = app.graph.getNodeById(id); return {counter}.dataset.kept === "
+                           f"'{expected['kept_tokens']}'; }}", arg=node_id, timeout=15_000)
+    assert visible_text(page, node_id, "longalign_counter") == [
+        f"240 of {expected['kept_tokens']} tokens kept · {len(expected['segments'])} segments · the rest is cut",
+        "per segment: " + " + ".join(str(s["tokens"]) for s in expected["segments"])]
 
 
 def test_queued_best_of_n_graph_shows_the_scores_on_the_reward_nodes(server, page, artifacts):
-    load(page, load_ui("best_of_n_reward.json"))
+    ui = load_ui("best_of_n_reward.json")
+    load(page, ui)
+    for node_id in (8, 10):  # before the run: the placeholder, whole inside the node
+        assert visible_text(page, node_id, "longalign_scores") == ["scores appear here after a run"]
+    prompt = next(n for n in ui["nodes"] if n["type"] == "PrimitiveStringMultiline")["widgets_values"][0]
+    status, expected = server.request("/longalign/tokenize", {"text": prompt, "token_length": 240, "split": "sentences"})
+    assert status == 200  # the positive encoder counts the prompt its linked text input gets
+    page.wait_for_function("(id) => app.graph.getNodeById(id).widgets.find(w => w.name === 'longalign_counter')"
+                           f".element.dataset.kept === '{expected['kept_tokens']}'", arg=2, timeout=15_000)
     page.evaluate("""(names) => {
         for (const node of app.graph.nodes)
             for (const w of node.widgets ?? []) if (w.name in names) w.value = names[w.name];

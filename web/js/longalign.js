@@ -9,13 +9,18 @@ const DEBOUNCE_MS = 300;
 const OK_COLOR = "var(--descrip-text, #999)";
 const WARN_COLOR = "#f0a030";
 const ERROR_COLOR = "#e05050";
+const FONT_PX = 12;
+const LINE_PX = 16;
+const CHAR_PX = 7.5; // a monospace character at FONT_PX, rounded up
+const PANEL_MARGIN = 6; // around each panel, inside the node
+const PANEL_MARGIN_PX = 40; // the panel's margins and padding, and some room
+const WRAP_SLACK = 4; // characters a line may lose to wrapping at a word boundary
 
 const STYLE = `
-.longalign-counter { font: 12px monospace; padding: 2px 6px; line-height: 1.35; white-space: nowrap;
-  overflow: hidden; color: ${OK_COLOR}; box-sizing: border-box; }
+.longalign-counter { font: ${FONT_PX}px monospace; padding: 2px 6px; line-height: ${LINE_PX}px; white-space: normal;
+  overflow-wrap: anywhere; overflow: hidden; color: ${OK_COLOR}; box-sizing: border-box; }
 .longalign-counter[data-state="truncated"] { color: ${WARN_COLOR}; }
-.longalign-counter[data-state="error"] { color: ${ERROR_COLOR}; white-space: normal; }
-.longalign-counter > div { overflow: hidden; text-overflow: ellipsis; }
+.longalign-counter[data-state="error"] { color: ${ERROR_COLOR}; }
 .longalign-scores { font: 12px monospace; padding: 2px 6px; overflow: auto; box-sizing: border-box;
   color: var(--input-text, #ddd); }
 .longalign-scores table { border-collapse: collapse; width: 100%; }
@@ -40,14 +45,17 @@ function cell(tag, text) {
   return el;
 }
 
+// A read-only DOM panel whose content needs height(element) pixels; the front end draws a DOM
+// widget in the height it asks for less its margin on both sides, so the margin is added.
 function addPanel(node, name, className, height) {
   const element = document.createElement("div");
   element.className = className;
   const panel = node.addDOMWidget(name, "div", element, {
     serialize: false,
     hideOnZoom: false,
-    getMinHeight: () => height(element),
-    getMaxHeight: () => height(element),
+    margin: PANEL_MARGIN,
+    getMinHeight: () => height(element) + 2 * PANEL_MARGIN,
+    getMaxHeight: () => height(element) + 2 * PANEL_MARGIN,
   });
   panel.serialize = false; // never in widgets_values nor in the prompt
   return { element, panel };
@@ -55,14 +63,45 @@ function addPanel(node, name, className, height) {
 
 // ---- LongAlign Text Encode: live token counter ------------------------------------------------
 
-// Line 1: the summary (warning colour when cut); line 2: the rows each segment adds.
+// Line 1: tokens kept of how many, the segment count, and whether the rest is cut (warning colour);
+// line 2: the tokens each segment gives.
 function describe(result) {
   const n = result.segments.length;
   const L = result.token_length;
-  let summary = `${n} segment${n === 1 ? "" : "s"} · kept ${result.kept_tokens}`;
-  summary += L > 0 ? ` / L = ${L}` : " (L = 0: natural length)";
-  if (result.truncated) summary += ` · truncated: the last ${result.kept_tokens - L} are cut`;
+  const total = result.kept_tokens; // the rows the segments give, before the cut to L
+  const segments = `${n} segment${n === 1 ? "" : "s"}`;
+  let summary;
+  if (L <= 0) summary = `${total} tokens · ${segments} · L = 0: natural length, nothing cut`;
+  else if (result.truncated) summary = `${L} of ${total} tokens kept · ${segments} · the rest is cut`;
+  else summary = `all ${total} tokens kept (L = ${L}) · ${segments}`;
   return [summary, `per segment: ${result.segments.map((s) => s.tokens).join(" + ")}`];
+}
+
+// The panel height that shows every line whole at the node's width (lines wrap, never clip).
+function linesHeight(lines, width) {
+  const perLine = Math.max(16, Math.floor((width - PANEL_MARGIN_PX) / CHAR_PX) - WRAP_SLACK);
+  const rows = lines.reduce((sum, line) => sum + Math.max(1, Math.ceil(line.length / perLine)), 0);
+  return rows * LINE_PX + 8;
+}
+
+// Grow the node (never shrink it) so that a panel of the new height lies inside it.
+function fitNode(node) {
+  const needed = node.computeSize()[1];
+  if (node.size[1] < needed) node.setSize([node.size[0], needed]);
+  app.graph?.setDirtyCanvas(true, true);
+}
+
+// The prompt the node will encode: its text widget, or the text widget of the node its linked
+// text input comes from (e.g. a String (Multiline) node feeding several nodes); undefined when
+// the text is computed by the graph.
+function promptSource(node) {
+  const input = node.inputs?.find((i) => i.name === "text");
+  if (input?.link == null) return widget(node, "text");
+  const links = app.graph?.links;
+  const link = links?.get?.(input.link) ?? links?.[input.link];
+  const origin = link && app.graph.getNodeById(link.origin_id);
+  const source = origin?.widgets?.find((w) => typeof w.value === "string" && (w.name === "value" || w.name === "text"));
+  return source;
 }
 
 function tooltip(result) {
@@ -70,16 +109,30 @@ function tooltip(result) {
 }
 
 function setupCounter(node) {
-  const { element } = addPanel(node, "longalign_counter", "longalign-counter", () => 40);
-  element.textContent = "…";
+  let lines = ["…"];
+  const { element } = addPanel(node, "longalign_counter", "longalign-counter",
+    () => linesHeight(lines, node.size[0]));
+  element.textContent = lines[0];
   let timer = null;
   let sequence = 0;
+  const watched = new WeakSet();
+
+  function show(newLines) {
+    lines = newLines;
+    element.replaceChildren(...lines.map((line) => cell("div", line)));
+    fitNode(node);
+  }
 
   async function refresh() {
-    const text = widget(node, "text")?.value;
+    const source = promptSource(node);
+    if (source?.element && !watched.has(source.element)) { // a linked prompt node's text box
+      watched.add(source.element);
+      source.element.addEventListener("input", schedule);
+    }
+    const text = source?.value;
     if (typeof text !== "string") {
-      element.textContent = "text comes from an input: counted when it runs";
       element.dataset.state = "ok";
+      show(["text comes from an input: counted when it runs"]);
       return;
     }
     const body = {
@@ -101,7 +154,7 @@ function setupCounter(node) {
     } catch (error) {
       if (mine !== sequence) return;
       element.dataset.state = "error";
-      element.textContent = `token count unavailable: ${error.message}`;
+      show([`token count unavailable: ${error.message}`]);
       element.title = "";
       return;
     }
@@ -111,7 +164,7 @@ function setupCounter(node) {
     element.dataset.tokens = result.segments.map((s) => s.tokens).join(",");
     element.dataset.kept = String(result.kept_tokens);
     element.dataset.total = String(result.total_tokens);
-    element.replaceChildren(...describe(result).map((line) => cell("div", line)));
+    show(describe(result));
     element.title = tooltip(result);
   }
 
@@ -134,6 +187,11 @@ function setupCounter(node) {
   node.onConfigure = function (...args) {
     schedule(); // values loaded from a workflow set no callbacks
     return onConfigure?.apply(this, args);
+  };
+  const onConnectionsChange = node.onConnectionsChange;
+  node.onConnectionsChange = function (...args) {
+    schedule(); // the text input linked or unlinked
+    return onConnectionsChange?.apply(this, args);
   };
   node.longalignRefreshCounter = schedule;
   schedule();
@@ -196,6 +254,12 @@ function setupScores(node) {
   const { element } = addPanel(node, "longalign_scores", "longalign-scores",
     (el) => (el.dataset.images ? 40 + 18 * Math.min(Number(el.dataset.images), 8) : 24));
   element.textContent = "scores appear here after a run";
+  const onConfigure = node.onConfigure;
+  node.onConfigure = function (...args) {
+    const result = onConfigure?.apply(this, args);
+    fitNode(node); // a saved size too small for the panel
+    return result;
+  };
   const onExecuted = node.onExecuted;
   node.onExecuted = function (message) {
     onExecuted?.apply(this, arguments);
@@ -206,8 +270,7 @@ function setupScores(node) {
     } catch (error) {
       element.textContent = `could not read the scores: ${error.message}`;
     }
-    node.setSize([node.size[0], Math.max(node.size[1], node.computeSize()[1])]);
-    app.graph.setDirtyCanvas(true, true);
+    fitNode(node);
   };
 }
 
