@@ -245,6 +245,44 @@ class DecomposedRewardScore:
         return {"ui": {"text": [summary]}, "result": (*lists, summary)}
 
 
+MIN_SCORE_OFF = -10.0
+"""``min_score`` at this value (its minimum) sets no threshold."""
+
+
+def _blocked(message: str | None):
+    """ComfyUI's ExecutionBlocker: the nodes fed by this output are skipped (``message`` None) or
+    fail with ``message``."""
+    from comfy_execution.graph_utils import ExecutionBlocker
+
+    return ExecutionBlocker(message)
+
+
+def _pick_images(images: torch.Tensor, index: list[int]):
+    """``images[index]``; an empty selection blocks the output (nothing to save or refine)."""
+    return images[torch.tensor(index, device=images.device, dtype=torch.long)] if index else _blocked(None)
+
+
+def check_latent_batch(latent, batch: int) -> None:
+    samples = latent.get("samples") if isinstance(latent, dict) else None
+    if not isinstance(samples, torch.Tensor) or samples.shape[0] != batch:
+        found = tuple(samples.shape) if isinstance(samples, torch.Tensor) else type(latent).__name__
+        raise ValueError(f"Rank By Reward: latent must be the LATENT the {batch} images were decoded from "
+                         f"(samples with batch {batch}), got {found}")
+
+
+def pick_latents(latent: dict, index: list[int]) -> dict:
+    """The LATENT of images ``index``: ``samples`` (and a per-image ``noise_mask``, ``batch_index``) in that order."""
+    picked = dict(latent)
+    rows = torch.tensor(index, dtype=torch.long)
+    picked["samples"] = latent["samples"][rows.to(latent["samples"].device)]
+    mask = latent.get("noise_mask")
+    if isinstance(mask, torch.Tensor) and mask.shape[0] == latent["samples"].shape[0]:
+        picked["noise_mask"] = mask[rows.to(mask.device)]
+    if "batch_index" in latent:
+        picked["batch_index"] = [latent["batch_index"][i] for i in index]
+    return picked
+
+
 class RankByReward:
     """Sorts an image batch by a decomposed reward score (best first) and returns the top k: best-of-N
     selection for long prompts inside a graph."""
@@ -257,15 +295,27 @@ class RankByReward:
                 "score": (list(SCORE_FIELDS[:4]), {"default": "reweighted", "tooltip": "The score to sort by."}),
                 "top_k": ("INT", {"default": 1, "min": 1, "max": 4096, "tooltip": "Images in the top_k output."}),
             },
-            "optional": REFERENCE_INPUT,
+            "optional": {
+                **REFERENCE_INPUT,
+                "latent": ("LATENT", {"tooltip": "The latents the images were decoded from (same batch): the chosen "
+                                                 "ones come out of top_k_latent, to upscale or refine the best image."}),
+                "min_score": ("FLOAT", {
+                    "default": MIN_SCORE_OFF, "min": MIN_SCORE_OFF, "max": 10.0, "step": 0.001,
+                    "tooltip": f"Keep only images whose score is at least this (scores are cosines, about -1 to 1; "
+                               f"{MIN_SCORE_OFF} = no threshold). When none reaches it, top_k and top_k_latent "
+                               "produce nothing and the nodes after them are skipped."}),
+            },
         }
 
-    RETURN_TYPES = ("IMAGE", "IMAGE", "STRING")
-    RETURN_NAMES = ("sorted", "top_k", "ranking")
+    RETURN_TYPES = ("IMAGE", "IMAGE", "STRING", "IMAGE", "LATENT")
+    RETURN_NAMES = ("sorted", "top_k", "ranking", "rejected", "top_k_latent")
     OUTPUT_TOOLTIPS = (
         "The whole batch, best first.",
-        "The top_k best images.",
-        "The order, every image's scores and the batch means as JSON, also shown on the node.",
+        "The top_k best images (those reaching min_score).",
+        "The order, the chosen and rejected images, every image's scores and the batch means as JSON, "
+        "also shown on the node.",
+        "Every image not in top_k, best first.",
+        "The latents of the top_k images, in the same order (needs the latent input).",
     )
     OUTPUT_NODE = True
     FUNCTION = "rank"
@@ -273,15 +323,26 @@ class RankByReward:
     DESCRIPTION = (
         "Best of N for long prompts: scores a batch of images against the prompt with a preference model "
         "(the decomposed reward of Decomposed Reward Score), sorts it best first and returns the top_k "
-        "best. The table on the node shows every image's rank and scores."
+        "best, optionally only those reaching min_score, and the rejected ones. Connect the latent to get "
+        "the chosen latents too, to upscale or refine the best image. The table on the node shows every "
+        "image's rank and scores."
     )
 
     VALIDATE_INPUTS = staticmethod(validate_w)
 
-    def rank(self, images, reward_model, text, w, direction, score, top_k, reference_file=""):
+    def rank(self, images, reward_model, text, w, direction, score, top_k, reference_file="", latent=None,
+             min_score=MIN_SCORE_OFF):
+        if latent is not None:
+            check_latent_batch(latent, images.shape[0])
         scores = score_batch(images, reward_model, text, w, direction, reference_file)
-        data = scores.ranking(score)  # non-finite scores last, flagged in "nonfinite"
+        threshold = None if min_score <= MIN_SCORE_OFF else float(min_score)
+        data = scores.ranking(score, top_k, threshold)  # non-finite scores last, flagged in "nonfinite"
         ranking = json.dumps(data, allow_nan=False)
-        index = torch.tensor(data["order"], device=images.device)
-        ranked = images[index]
-        return {"ui": {"text": [ranking]}, "result": (ranked, ranked[:top_k], ranking)}
+        ranked = images[torch.tensor(data["order"], device=images.device)]
+        chosen = _pick_images(images, data["chosen"])
+        rejected = _pick_images(images, data["rejected"])
+        if latent is None:
+            chosen_latent = _blocked("Rank By Reward: top_k_latent needs the latent input (the latents the images were decoded from)")
+        else:
+            chosen_latent = pick_latents(latent, data["chosen"]) if data["chosen"] else _blocked(None)
+        return {"ui": {"text": [ranking]}, "result": (ranked, chosen, ranking, rejected, chosen_latent)}

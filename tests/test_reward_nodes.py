@@ -81,12 +81,56 @@ def test_rank_node_returns_the_batch_in_score_order_and_the_top_k(nodes, loaded)
     with torch.inference_mode():
         out = nodes["rank"].rank(images, loaded, PROMPTS[1], 0.3, "builtin", "total", 2)
         (scores,) = [nodes["score"].score(images, loaded, PROMPTS[1], 0.3, "builtin")["result"][0]]
-    ranked, top, ranking = out["result"]
+    ranked, top, ranking, rejected, _ = out["result"]
     order = json.loads(ranking)["order"]
     assert order == sorted(range(5), key=lambda i: -scores[i])
     torch.testing.assert_close(ranked, images[order])
     torch.testing.assert_close(top, images[order[:2]])
+    torch.testing.assert_close(rejected, images[order[2:]])
     assert json.loads(ranking)["scores"] == sorted(json.loads(ranking)["scores"], reverse=True)
+
+
+def test_rank_node_returns_the_chosen_latents_and_applies_the_threshold(nodes, loaded):
+    """Best-of-N that keeps working: the chosen latents come out beside the chosen images (to
+    upscale or refine), a min_score leaves out weaker images, the rejected ones come out too."""
+    from comfy_execution.graph_utils import ExecutionBlocker
+
+    images, samples = comfy_images(5), torch.randn(5, 4, 6, 6)
+    latent = {"samples": samples, "noise_mask": torch.rand(5, 1, 6, 6), "batch_index": [10, 11, 12, 13, 14]}
+    with torch.inference_mode():
+        out = nodes["rank"].rank(images, loaded, PROMPTS[1], 0.3, "builtin", "total", 3, latent=latent)
+    _, top, text, rejected, chosen_latent = out["result"]
+    ranking = json.loads(text)
+    chosen = ranking["order"][:3]
+    assert ranking["chosen"] == chosen and ranking["rejected"] == ranking["order"][3:]
+    torch.testing.assert_close(top, images[chosen])
+    torch.testing.assert_close(rejected, images[ranking["order"][3:]])
+    torch.testing.assert_close(chosen_latent["samples"], samples[chosen])
+    torch.testing.assert_close(chosen_latent["noise_mask"], latent["noise_mask"][chosen])
+    assert chosen_latent["batch_index"] == [10 + i for i in chosen] and latent["samples"] is samples  # input untouched
+
+    scores = ranking["scores"]  # a threshold between the 2nd and 3rd best: only two images reach it
+    threshold = (scores[1] + scores[2]) / 2
+    with torch.inference_mode():
+        out = nodes["rank"].rank(images, loaded, PROMPTS[1], 0.3, "builtin", "total", 3, latent=latent,
+                                 min_score=threshold)
+    _, top, text, rejected, chosen_latent = out["result"]
+    assert json.loads(text)["chosen"] == chosen[:2] and json.loads(text)["min_score"] == threshold
+    torch.testing.assert_close(top, images[chosen[:2]])
+    torch.testing.assert_close(chosen_latent["samples"], samples[chosen[:2]])
+    assert rejected.shape[0] == 3
+
+    with torch.inference_mode():  # nothing reaches it: the chosen outputs skip the nodes after them
+        out = nodes["rank"].rank(images, loaded, PROMPTS[1], 0.3, "builtin", "total", 3, latent=latent,
+                                 min_score=scores[0] + 1)
+        no_latent = nodes["rank"].rank(images, loaded, PROMPTS[1], 0.3, "builtin", "total", 1)["result"][4]
+    _, top, _, rejected, chosen_latent = out["result"]
+    assert isinstance(top, ExecutionBlocker) and top.message is None and isinstance(chosen_latent, ExecutionBlocker)
+    torch.testing.assert_close(rejected, images[ranking["order"]])
+    assert isinstance(no_latent, ExecutionBlocker) and "latent input" in no_latent.message
+
+    with pytest.raises(ValueError, match="latent must be the LATENT the 5 images were decoded from"):
+        nodes["rank"].rank(images, loaded, PROMPTS[1], 0.3, "builtin", "total", 1, latent={"samples": samples[:2]})
 
 
 def test_node_batch_direction_with_one_prompt_falls_back_visibly(nodes, loaded):
@@ -136,13 +180,15 @@ def test_a_nan_image_ranks_last_and_the_summaries_are_json(nodes, loaded):
     with torch.inference_mode():
         out = nodes["rank"].rank(images, loaded, PROMPTS[1], 0.3, "builtin", "reweighted", 1)
         score = nodes["score"].score(images, loaded, PROMPTS[1], 0.3, "builtin")
-    ranked, top, text = out["result"]
+    ranked, top, text, rejected, _ = out["result"]
     ranking = strict_json(text)
     assert ranking["order"][-1] == 1 and ranking["nonfinite"] == [1]
     assert ranking["scores"][-1] is None and all(isinstance(x, float) for x in ranking["scores"][:-1])
     assert ranking["scores"][:-1] == sorted(ranking["scores"][:-1], reverse=True)
     assert bool(torch.isfinite(top).all())  # top_k = 1 is a real image, not the NaN one
     torch.testing.assert_close(ranked, images[ranking["order"]], equal_nan=True)
+    assert ranking["chosen"] == ranking["order"][:1] and ranking["rejected"][-1] == 1
+    torch.testing.assert_close(rejected, images[ranking["order"][1:]], equal_nan=True)
     summary = strict_json(score["result"][4])
     assert summary["nonfinite"] == [1] and summary["reweighted"][1] is None
     assert all(isinstance(v, float) for v in summary["mean"].values())
@@ -168,7 +214,8 @@ def test_rank_and_score_nodes_in_the_real_server(comfy_server, reward_dir):
     shutil.copytree(reward_dir / "tiny_denscore", target, dirs_exist_ok=True)
     info = comfy_server.get("/object_info/LongAlignRewardModelLoader")["LongAlignRewardModelLoader"]
     assert "tiny_denscore" in info["input"]["required"]["model_name"][0]
-    assert comfy_server.get("/object_info/LongAlignRankByReward")["LongAlignRankByReward"]["output"] == ["IMAGE", "IMAGE", "STRING"]
+    assert comfy_server.get("/object_info/LongAlignRankByReward")["LongAlignRankByReward"]["output"] == [
+        "IMAGE", "IMAGE", "STRING", "IMAGE", "LATENT"]
 
     wf = shrink(load_example("long_prompt_sd15_api.json"), "tiny_sd15.safetensors", prefix="reward_all")
     wf["4"]["inputs"]["batch_size"] = 4

@@ -259,13 +259,27 @@ class DecomposedScores:
         return {"w": self.w, "direction": self.direction.source, "note": self.direction.note,
                 "logit_scale": _finite_or_none(self.logit_scale), "mean": means, "nonfinite": self.nonfinite(), **rows}
 
-    def ranking(self, score: str = "reweighted") -> dict:
+    def select(self, score: str = "reweighted", top_k: int | None = None,
+               min_score: float | None = None) -> tuple[list[int], list[int]]:
+        """Best-of-N: ``(chosen, rejected)`` image indices, both best first. Chosen are the first
+        ``top_k`` of :meth:`order` (all without ``top_k``) whose ``score`` is finite and at least
+        ``min_score``; rejected are all the others."""
+        order = self.order(score)
+        values = getattr(self, score).detach().float()
+        chosen = [i for i in order if torch.isfinite(values[i]) and (min_score is None or values[i] >= min_score)]
+        chosen = chosen[:top_k] if top_k is not None else chosen
+        kept = set(chosen)
+        return chosen, [i for i in order if i not in kept]
+
+    def ranking(self, score: str = "reweighted", top_k: int | None = None, min_score: float | None = None) -> dict:
         """The batch ranked by ``score`` (:meth:`order`) for strict JSON: ``order``, the ranked
         ``scores`` and the four score lists in batch order, non-finite values as ``None`` and their
-        images listed in ``nonfinite``."""
+        images listed in ``nonfinite``; ``chosen`` and ``rejected`` as :meth:`select` gives them."""
         order = self.order(score)
+        chosen, rejected = self.select(score, top_k, min_score)
         rows = self.summary()
         return {"score": score, "order": order, "scores": [rows[score][i] for i in order],
+                "chosen": chosen, "rejected": rejected, "min_score": min_score,
                 "nonfinite": rows["nonfinite"], "direction": rows["direction"], "note": rows["note"],
                 **{k: rows[k] for k in ("total", "text_relevant", "text_irrelevant", "reweighted")}}
 
