@@ -465,3 +465,25 @@ def test_export_merged_writes_the_sdxl_unet_with_the_lora_merged(tmp_path):
     with torch.no_grad():  # the merged UNet computes what the UNet with the LoRA computes
         torch.testing.assert_close(merged(x, t, context, added_cond_kwargs=added).sample,
                                    trained(x, t, context, added_cond_kwargs=added).sample, atol=1e-4, rtol=1e-4)
+
+
+def test_align_stage_on_tiny_sdxl_writes_a_lora_comfyui_maps_key_for_key(comfy, tmp_path, caplog):
+    """``python -m training.align --tiny --model.family sdxl``: the trainer's LoRA file records the family
+    (modelspec.architecture, ss_base_model_version) and every key maps onto ComfyUI's SDXL model."""
+    import comfy.lora
+    from safetensors import safe_open
+
+    from trainer_helpers import make_image_folder, run_stage
+    from training.safe_io import load_tensors
+
+    out = str(tmp_path / "run")
+    run_stage("align", "--model.family", "sdxl", "--data.path", make_image_folder(str(tmp_path / "images"), n=2),
+              "--data.batch_size", "2", "--run.max_steps", "2", "--run.save_every", "0", "--run.output_dir", out)
+    path = f"{out}/lora_weights.safetensors"
+    with safe_open(path, "pt") as f:
+        meta = f.metadata()
+    assert (meta["modelspec.architecture"], meta["ss_base_model_version"]) == ("stable-diffusion-xl-v1-base/lora",
+                                                                                "sdxl_base_v1-0")
+    lora = load_tensors(path)
+    patches = _loaded_by_comfy(lora, comfy.lora.model_lora_keys_unet(comfy_tiny_sdxl_model(), {}), caplog)
+    assert len(patches) == len(lora) // 3 > 0
