@@ -173,6 +173,20 @@ def test_align_on_sdxl_lowers_the_diffusion_loss_with_caption_dropout():
     assert recorder.seen[0] == ["", CAPTIONS[1], CAPTIONS[2], ""]
 
 
+def test_lcm_distillation_on_sdxl_lowers_its_loss():
+    """Optional in #17: the LCM student on SDXL (teacher = the UNet with the LoRA off, same context)."""
+    from training.objectives.lcm import LCMDistillObjective
+
+    torch.manual_seed(0)
+    c, params, conditioner = _sdxl_setup()
+    objective = LCMDistillObjective(c.unet, c.vae, c.scheduler, conditioner, 50, 3.0, 15.0, 0.001, 0.5, 10.0,
+                                    torch.float32)
+    pixels = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    losses = _train(objective, params, {"pixel_values": pixels, "caption": CAPTIONS[:2]}, 5, 3e-3)
+    print("lcm losses", [round(x, 5) for x in losses])
+    assert losses[-1] < losses[0]
+
+
 def _reward_loss_and_grads(fast: bool, decode_chunk: int):
     from training.denoisers import CheckpointedUNet, MergedShadowUNet
     from training.objectives.reward import RewardObjective
