@@ -122,6 +122,28 @@ def visible_text(page, node_id: int, widget_name: str) -> list[str]:
     return shown["text"]
 
 
+def hidden_nodes(page) -> list[str]:
+    """Nodes not wholly in view at the current view, or whose title the front end's own overlays
+    (workflow menu, run bar) cover: the title's both ends and the node's corners must show the canvas."""
+    return page.evaluate("""() => {
+        const canvas = app.canvas.canvas, rect = canvas.getBoundingClientRect();
+        const [scale, [ox, oy]] = [app.canvas.ds.scale, app.canvas.ds.offset];
+        const bad = [];
+        for (const node of app.graph.nodes) {
+            const left = rect.left + (node.pos[0] + ox) * scale, right = left + node.size[0] * scale;
+            const top = rect.top + (node.pos[1] - LiteGraph.NODE_TITLE_HEIGHT + oy) * scale;
+            const bottom = rect.top + (node.pos[1] + node.size[1] + oy) * scale;
+            const titleY = top + LiteGraph.NODE_TITLE_HEIGHT * scale / 2;
+            const points = [[left + 4, titleY], [right - 4, titleY], [left + 2, bottom - 2], [right - 2, bottom - 2]];
+            const covered = points.filter(([x, y]) => x < rect.left || x > rect.right || y < rect.top || y > rect.bottom
+                                                   || x > innerWidth || y > innerHeight
+                                                   || (document.elementFromPoint(x, y) !== canvas && y === titleY));
+            if (covered.length) bad.push(`${node.title}: ${JSON.stringify(covered)}`);
+        }
+        return bad;
+    }""")
+
+
 def wait_for_history(server, node_id: str, timeout: float = 60.0) -> dict:
     """The finished history entry with an output from ``node_id`` (the UI shows a node's output
     before the whole prompt, and its history entry, is done)."""
@@ -162,6 +184,7 @@ def test_example_loads_with_no_missing_node_and_converts_like_the_python_side(se
                                ".element.dataset.kept !== undefined", arg=element)
     png = name.replace(".json", ".png")
     screenshot(page, os.path.join(artifacts, png), os.path.join(SCREENSHOTS, png))
+    assert hidden_nodes(page) == []  # the template opens with every node in view, no title covered
     write_thumbnail(os.path.join(SCREENSHOTS, png), name)  # the template browser's picture
     assert page.longalign_errors == []
 
