@@ -46,11 +46,13 @@ def _graph(model_nodes: dict, model_ref: list, prefix: str) -> dict:
 
 
 def test_object_info_lists_the_longsd_nodes(longsd_models):
-    info = longsd_models.get("/object_info/LongSDLoader")["LongSDLoader"]
+    info = longsd_models.get("/object_info/LongAlignLongSDLoader")["LongAlignLongSDLoader"]
     required = info["input"]["required"]
     assert {"tiny_align.pt", "tiny_align.safetensors", "None"} <= set(required["alignment_lora"][0])
-    assert info["output"] == ["MODEL", "CLIP"] and info["display_name"] == "LongSD Loader"
-    t5 = longsd_models.get("/object_info/T5AdapterLoader")["T5AdapterLoader"]["input"]["required"]
+    assert info["output"] == ["MODEL", "CLIP"] and info["display_name"].startswith("LongSD Loader")
+    old = longsd_models.get("/object_info/LongSDLoader")["LongSDLoader"]  # the old id: loads, marked deprecated
+    assert old["deprecated"] is True and old["input"] == info["input"] and "deprecated" not in info
+    t5 = longsd_models.get("/object_info/LongAlignT5AdapterLoader")["LongAlignT5AdapterLoader"]["input"]["required"]
     assert t5["t5_name"][0] == ["tiny-t5/"]  # the folder, not the weight files inside it
     assert t5["adapter_name"][0] == ["tiny_adapter/"]
     encode = longsd_models.get("/object_info/LongAlignTextEncode")["LongAlignTextEncode"]["input"]
