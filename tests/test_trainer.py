@@ -119,7 +119,7 @@ def test_validation_grid_is_labelled_with_the_step_and_each_prompt():
 
 
 @pytest.mark.parametrize("variant", [["--objective", "longalign"], ["--objective", "textcraftor"],
-                                     ["--objective", "comat", "--comat.w_concept", "0"], ["--sampler", "lcm"]])
+                                     ["--objective", "comat", "--comat.w_concept", "0", "--comat.attn_steps", "1"], ["--sampler", "lcm"]])
 def test_reward_stages_write_validation_grids_of_fixed_prompts_and_seeds(prompts, tmp_path, variant):
     """With the learning rate at 0 the model does not change: the grids of steps 1 and 2 are the same
     images of the same prompts, only the step label differs."""

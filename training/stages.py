@@ -36,13 +36,13 @@ def build_align(cfg: TrainConfig, components, accelerator, dtype, conditioner) -
 def _validation(cfg: TrainConfig, components, accelerator, dtype, conditioner) -> dict:
     """The :class:`Run`'s ``validate`` and ``validation_prompts`` (none when ``run.validate_every`` is 0):
     ``run.validation_prompts`` or the first four captions, from noise seeded by ``run.seed`` every time.
-    The reward stage's LCM sampler samples with its own solver, steps and guidance; the rest with DDIM 25, CFG 7.5."""
+    The reward stages sample as they train (``sampling``: solver, steps, guidance); align with DDIM 25, CFG 7.5."""
     if not cfg.run.validate_every:
         return {}
     prompts = cfg.run.validation_prompts or [
         r.caption for r in read_records(cfg.data.path, need_images=cfg.stage != "reward")[:4]]
     own = {}
-    if cfg.stage == "reward" and cfg.sampling.sampler == "lcm":
+    if cfg.stage == "reward":
         own = dict(solver=_solver(cfg, components.scheduler), steps=cfg.sampling.steps, guidance=cfg.sampling.guidance)
 
     def validate():

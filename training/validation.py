@@ -1,8 +1,8 @@
 """Validation images during training: a few fixed prompts sampled from fixed noise with the model as
 it is now, so the grids of successive steps compare.
 
-DDIM, 25 steps, CFG 7.5 by default (the reference samples with UniPC 25 steps; DDIM reuses the
-trainer's one sampler); the LCM sampler's runs use its own solver, steps and guidance. Saved as a PNG
+DDIM, 25 steps, CFG 7.5 by default (align; the reference samples with UniPC 25 steps; DDIM reuses the
+trainer's one sampler); the reward stages sample as they train (their solver, steps, guidance). Saved as a PNG
 grid labelled with the step and each image's prompt under ``samples/`` and to TensorBoard.
 """
 from __future__ import annotations
