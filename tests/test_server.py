@@ -16,7 +16,8 @@ def test_object_info_lists_the_encoder_with_its_inputs(comfy_server):
     assert required["token_length"][1]["default"] == 240
     assert required["split"][0] == ["sentences", "native"]
     assert info["output"] == ["CONDITIONING"]
-    assert info["display_name"] == "LongAlign Text Encode"
+    assert info["display_name"] == "LongAlign Text Encode (long prompt)" and info["category"] == "LongAlign/conditioning"
+    assert info["description"].startswith("Encodes a prompt of any length") and len(info["output_tooltips"]) == 1
 
 
 def _saved_image(server, entry, node_id):
