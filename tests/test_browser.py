@@ -280,6 +280,8 @@ def test_queued_best_of_n_graph_shows_the_scores_on_the_reward_nodes(server, pag
             assert cells[field] == f"{summary[field][int(image)]:.4f}"
     ranked = table(8)
     assert [int(image) for image, _ in ranked] == ranking["order"]
+    chosen = node_eval(page, 8, f"[...{rows}].map(r => r.dataset.chosen)")
+    assert chosen == ["true", "false", "false", "false"] and ranking["chosen"] == ranking["order"][:1]
     assert [cells["reweighted"] for _, cells in ranked] == [f"{x:.4f}" for x in ranking["scores"]]
     screenshot(page, os.path.join(artifacts, "best_of_n_scores.png"), os.path.join(SCREENSHOTS, "best_of_n_scores.png"))
     assert page.longalign_errors == []

@@ -27,6 +27,7 @@ const STYLE = `
 .longalign-scores th, .longalign-scores td { text-align: right; padding: 0 4px; }
 .longalign-scores th { color: var(--descrip-text, #999); font-weight: normal; }
 .longalign-scores caption { text-align: left; color: var(--descrip-text, #999); }
+.longalign-scores tr[data-chosen="false"] td { opacity: 0.5; }
 `;
 
 function addStyle() {
@@ -229,7 +230,9 @@ function renderScores(element, data) {
   const columns = COLUMNS.filter(([field]) => rows.some(([, values]) => field in values));
   const table = document.createElement("table");
   const ranked = Array.isArray(data.order);
-  const caption = ranked ? `ranked by ${data.score}` : `w = ${data.w}`;
+  const chosen = Array.isArray(data.chosen) ? new Set(data.chosen) : null;
+  let caption = ranked ? `ranked by ${data.score}` : `w = ${data.w}`;
+  if (chosen) caption += ` · ${chosen.size} chosen${data.min_score == null ? "" : ` (score ≥ ${data.min_score})`}`;
   table.appendChild(cell("caption", `${caption} · direction: ${data.direction}${data.note ? ` (${data.note})` : ""}`));
   const head = document.createElement("tr");
   for (const label of [ranked ? "rank" : "", "image", ...columns.map(([, label]) => label)]) head.appendChild(cell("th", label));
@@ -237,6 +240,7 @@ function renderScores(element, data) {
   rows.forEach(([image, values], rank) => {
     const tr = document.createElement("tr");
     tr.dataset.image = String(image);
+    if (chosen) tr.dataset.chosen = String(chosen.has(image)); // rejected rows are dimmed
     tr.appendChild(cell("td", ranked ? String(rank + 1) : ""));
     tr.appendChild(cell("td", `#${image}`));
     for (const [field] of columns) {
