@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from trainer_helpers import make_prompt_file, metrics, run_stage
+from training.safe_io import MANIFEST
 
 ARGS = ["--objective", "textcraftor", "--data.resolution", "32", "--textcraftor.rank", "4", "--textcraftor.alpha", "4",
         "--sampling.steps", "3", "--sampling.grad_steps", "1", "--run.save_every", "0"]
@@ -104,7 +105,8 @@ def test_20_steps_raise_the_reward_on_a_fixed_batch(textcraftor_run):
 
 def test_lora_run_writes_no_unet_lora(textcraftor_run):
     """The UNet is frozen: only the text encoder's file is written (no all-zero UNet LoRA beside it)."""
-    assert os.listdir(os.path.join(textcraftor_run, "adapter")) == ["text_encoder_lora.safetensors"]
+    written = [f for f in os.listdir(os.path.join(textcraftor_run, "adapter")) if f != MANIFEST]  # + our output manifest
+    assert written == ["text_encoder_lora.safetensors"]
     assert not os.path.exists(os.path.join(textcraftor_run, "lora_weights.safetensors"))
 
 
