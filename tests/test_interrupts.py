@@ -1,6 +1,7 @@
 """SIGTERM and Ctrl-C stop a run cleanly: the step in progress finishes, a checkpoint is written and
 named with the command that continues it, the process exits 0, and the resumed run ends on the
-uninterrupted run's weights. A second signal exits at once; on two processes both stop together."""
+uninterrupted run's weights. A signal while the models load stops there; a second signal exits at
+once; on two processes both stop together."""
 from __future__ import annotations
 
 import os
@@ -72,6 +73,21 @@ def test_a_signal_mid_run_checkpoints_exits_0_and_resume_equals_the_uninterrupte
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=1e-4, msg=k)
+
+
+def test_a_signal_while_the_models_load_stops_at_once(images, tmp_path, capsys):
+    """Before the first step a single process has nothing new to save: the signal ends setup there."""
+    def build(*args):
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("setup went on after the signal")
+
+    before = signal.getsignal(signal.SIGTERM)
+    out = str(tmp_path / "setup")
+    assert train_in_process("align", *ARGS, "--data.path", images, "--run.output_dir", out, build_run=build) == out
+    assert not os.path.exists(os.path.join(out, CHECKPOINTS))
+    err = capsys.readouterr().err
+    assert "stopped (SIGTERM) before the first step: nothing new to save; latest checkpoint: (none)" in err
+    assert signal.getsignal(signal.SIGTERM) is before  # the run's handlers are gone
 
 
 SECOND_SIGNAL = """

@@ -1,7 +1,8 @@
 """Stopping a run cleanly on SIGTERM (schedulers, spot instances) or SIGINT (Ctrl-C).
 
 The first signal only asks: the trainer finishes the optimizer step it is in, writes a checkpoint
-and exits 0. A second signal exits at once (status 128 + signal number), writing nothing more; the
+and exits 0. Before the first step (models still loading) a single process has nothing new to save
+and stops at once, also with 0 (:class:`StoppedInSetup`). A second signal exits at once (status 128 + signal number), writing nothing more; the
 last complete checkpoint stays on disk. On several processes each one may see the signal at a
 different time, so the stop is agreed at every step end (:meth:`StopRequest.agreed`).
 """
@@ -18,11 +19,18 @@ import torch
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
-class StopRequest:
-    """A context manager that installs the handlers (main thread only) and restores the old ones."""
+class StoppedInSetup(Exception):
+    """The first signal arrived before the first optimizer step of a single-process run."""
 
-    def __init__(self, signals: tuple[signal.Signals, ...] = SIGNALS):
+
+class StopRequest:
+    """A context manager that installs the handlers (main thread only) and restores the old ones.
+    ``stop_in_setup``: until :meth:`training_started`, the first signal raises :class:`StoppedInSetup`
+    (only where one process runs: several must stop together, at a step end)."""
+
+    def __init__(self, signals: tuple[signal.Signals, ...] = SIGNALS, stop_in_setup: bool = False):
         self.signals = signals
+        self.stop_in_setup = stop_in_setup
         self.received: str | None = None
         self._previous: dict[int, object] = {}
 
@@ -44,8 +52,14 @@ class StopRequest:
                   flush=True)
             os._exit(128 + signum)
         self.received = name
+        if self.stop_in_setup:
+            raise StoppedInSetup(name)
         print(f"\n[train] {name}: stopping after this optimizer step and writing a checkpoint "
               "(send it again to exit at once)", file=sys.stderr, flush=True)
+
+    def training_started(self) -> None:
+        """From now on the first signal waits for the end of the optimizer step."""
+        self.stop_in_setup = False
 
     def agreed(self, accelerator) -> bool:
         """Whether any process was asked to stop; every process must call this at the same step."""

@@ -37,7 +37,7 @@ from . import config as config_mod
 from . import run_state
 from .config import TrainConfig
 from .data import DataError, ImageCaptionDataset, PromptDataset, collate, read_records
-from .interrupts import StopRequest
+from .interrupts import StoppedInSetup, StopRequest
 from .lora import add_lora, kohya_state_dict, merge_kohya_lora
 from .lora_format import load_reference_lora
 from .models import load_components
@@ -438,6 +438,14 @@ class Trainer:
         self.accelerator.end_training()
         return ckpt
 
+    def stopped_in_setup(self, signal_name: str, argv: list[str]) -> str:
+        """A signal before the first step (one process): nothing new to save; where to go on from."""
+        latest = latest_checkpoint(self.out)
+        command = resume_command(self.cfg.stage, argv, 1) if latest else "(the same command: no checkpoint yet)"
+        print(f"\n[train] stopped ({signal_name}) before the first step: nothing new to save; latest checkpoint: "
+              f"{latest or '(none)'}\n[train] to continue: {command}", file=sys.stderr, flush=True)
+        return latest or self.out
+
     def finish(self) -> str:
         """The last checkpoint, the LoRA file (and trained extra modules); returns the first written."""
         accelerator, cfg = self.accelerator, self.cfg
@@ -483,9 +491,14 @@ def train(cfg: TrainConfig, build_run, argv: list[str] | None = None) -> str:
     identity = run_state.identity(cfg)
     start = run_state.start_point(cfg, identity)  # refusals come before any model is loaded
     trainer = Trainer(cfg, build_run, start, identity)
-    with StopRequest() as stop:
-        trainer.setup()
-        trainer.resume()
+    argv = sys.argv[1:] if argv is None else argv
+    with StopRequest(stop_in_setup=int(os.environ.get("WORLD_SIZE", "1")) == 1) as stop:
+        try:
+            trainer.setup()
+            trainer.resume()
+            stop.training_started()
+        except StoppedInSetup as e:
+            return trainer.stopped_in_setup(str(e), argv)
         if not trainer.loop(stop):
-            return trainer.interrupted(stop, sys.argv[1:] if argv is None else argv)
+            return trainer.interrupted(stop, argv)
         return trainer.finish()
