@@ -2,9 +2,10 @@
 
 The first signal only asks: the trainer finishes the optimizer step it is in, writes a checkpoint
 and exits 0. Before the first step (models still loading) a single process has nothing new to save
-and stops at once, also with 0 (:class:`StoppedInSetup`). A second signal exits at once (status 128 + signal number), writing nothing more; the
-last complete checkpoint stays on disk. On several processes each one may see the signal at a
-different time, so the stop is agreed at every step end (:meth:`StopRequest.agreed`).
+and stops at once, also with 0 (:class:`StoppedInSetup`). A second signal exits at once (status
+128 + signal number), writing nothing more; the last complete checkpoint stays on disk. On several
+processes each one may see the signal at a different time, so the stop is agreed at every step end
+(:meth:`StopRequest.agreed`).
 """
 from __future__ import annotations
 
