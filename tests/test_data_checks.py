@@ -96,3 +96,22 @@ def test_a_batch_larger_than_the_data_is_warned_about(capsys):
     assert "warning" in err and "data.batch_size 2 x 2 process(es) = 4" in err and "only 3" in err
     warn_if_batch_exceeds_data(records, 3)
     assert capsys.readouterr().err == ""
+
+
+def test_the_trainer_warns_about_the_batch_and_applies_the_pixel_limit(tmp_path, capsys):
+    """A real (tiny, in-process) align run: the batch warning reaches the user, and an image over
+    ``data.max_image_pixels`` is skipped and counted in metrics.jsonl instead of stopping the run."""
+    import json
+
+    from trainer_helpers import train_in_process
+
+    folder = make_image_folder(str(tmp_path / "pairs"), n=3, size=64)
+    Image.new("RGB", (90, 90), "red").save(os.path.join(folder, "big.png"))  # 8100 pixels > the limit below
+    with open(os.path.join(folder, "big.txt"), "w", encoding="utf-8") as f:
+        f.write("a red picture larger than the pixel limit")
+    out = tmp_path / "run"
+    train_in_process("align", "--data.path", folder, "--data.batch_size", "8", "--data.max_image_pixels", "5000",
+                     "--run.max_steps", "1", "--run.grad_accum", "1", "--run.output_dir", str(out))
+    assert "data.batch_size 8 x 1 process(es) = 8 samples per step, but the data holds only 4" in capsys.readouterr().err
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["skipped_images"] == 1

@@ -120,3 +120,16 @@ def test_a_new_run_into_another_runs_folder_is_refused_unless_overwrite(align_tw
     with open(os.path.join(out, CHECKPOINTS, "step-0000001", STATE_FILE), encoding="utf-8") as f:
         assert json.load(f)["step"] == 1
     assert open(os.path.join(out, "notes.txt"), encoding="utf-8").read() == "the user's own file"
+
+
+def test_the_resume_flag_takes_an_optional_checkpoint_path():
+    """``--resume`` alone: the latest checkpoint (True); ``--resume PATH``: that folder; absent: no resume."""
+    from training import config as config_mod
+    from training.cli import DESCRIPTIONS
+
+    parser = config_mod.build_parser("align", DESCRIPTIONS["align"])
+    chosen = os.path.join("runs", "a", CHECKPOINTS, "step-0000500")
+    assert config_mod.resolve("align", parser.parse_args(["--resume"])).run.resume is True
+    assert config_mod.resolve("align", parser.parse_args(["--resume", chosen])).run.resume == chosen
+    assert config_mod.resolve("align", parser.parse_args([])).run.resume is False
+    assert "--resume [PATH]" in parser.format_help()

@@ -394,12 +394,14 @@ def build_parser(stage: str, description: str) -> argparse.ArgumentParser:
     Options of the other sections are accepted but hidden, for :func:`resolve` to refuse by name."""
     parser = argparse.ArgumentParser(
         prog=f"python -m training.{stage}", description=description,
-        usage="%(prog)s [-h] [--config FILE] [--tiny] [--resume] [--SECTION.OPTION V ...]",
+        usage="%(prog)s [-h] [--config FILE] [--tiny] [--resume [PATH]] [--SECTION.OPTION V ...]",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--config", help="YAML or TOML config file; command-line options override it")
     parser.add_argument("--tiny", action="store_true", help=f"tiny random models, CPU demo: {TINY_PRESET}")
-    parser.add_argument("--resume", action="store_true", help="shorthand for --run.resume true")
+    parser.add_argument("--resume", nargs="?", const=True, default=None, metavar="PATH",
+                        help="continue from the latest complete checkpoint in run.output_dir, or from the "
+                             "checkpoint folder PATH (checkpoints/step-N)")
     parser.add_argument("--mode", choices=["fast", "reference"], help="shorthand for --run.mode")
     if stage == "reward":
         parser.add_argument("--objective", choices=list(OBJECTIVE_DEFAULTS), help="shorthand for --sampling.objective")

@@ -22,6 +22,7 @@ import os
 import shlex
 import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -36,7 +37,8 @@ from tqdm.auto import tqdm
 from . import config as config_mod
 from . import run_state
 from .config import TrainConfig
-from .data import DataError, ImageCaptionDataset, PromptDataset, collate, read_records
+from .data import (DataError, ImageCaptionDataset, PromptDataset, collate, read_records,
+                   warn_if_batch_exceeds_data)
 from .interrupts import StoppedInSetup, StopRequest
 from .lora import add_lora, kohya_state_dict, merge_kohya_lora
 from .lora_format import load_reference_lora
@@ -177,7 +179,10 @@ class Trainer:
         cfg = self.cfg
         needs_images = cfg.stage in ("align", "lcm")
         records = read_records(cfg.data.path, need_images=needs_images)
-        dataset = ImageCaptionDataset(records, cfg.data.resolution) if needs_images else PromptDataset(records)
+        if self.accelerator.is_main_process:
+            warn_if_batch_exceeds_data(records, cfg.data.batch_size, self.accelerator.num_processes)
+        dataset = (ImageCaptionDataset(records, cfg.data.resolution, cfg.data.max_image_pixels) if needs_images
+                   else PromptDataset(records))
         return torch.utils.data.DataLoader(
             dataset, batch_size=cfg.data.batch_size, shuffle=True, collate_fn=collate,
             num_workers=cfg.data.num_workers, generator=torch.Generator().manual_seed(cfg.run.seed),
@@ -462,8 +467,7 @@ class Trainer:
                 folder = os.path.join(self.out, "adapter" if i == 0 else f"extra{i}")
                 raw = accelerator.unwrap_model(module)
                 if hasattr(raw, "save_pretrained"):
-                    tmp = folder + ".tmp"
-                    shutil.rmtree(tmp, ignore_errors=True)
+                    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(folder)}.", suffix=".tmp", dir=self.out)
                     raw.save_pretrained(tmp)
                     commit_folder(tmp, folder)
                     written.append(folder)
