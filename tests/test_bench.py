@@ -16,7 +16,7 @@ def test_quick_benchmark_suite_runs_to_the_end(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     table = proc.stdout
     for name in ("encode 49 tokens", "reward scorer tiny", "LoRA load+patch", "KSampler s/it, 240 vs 77",
-                 "reward step s/sample", "align step s/sample", "UNet MFU"):
+                 "reward step s/sample", "align step s/sample", "UNet MFU", "CLI --help start-up"):
         assert name in table, table
     data = json.loads(out.read_text())
     assert data["quick"] is True and len(data["results"]) >= 11
