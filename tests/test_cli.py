@@ -33,8 +33,9 @@ def _cli(stage: str, *argv: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("tool, argv", [("export_merged", ["--help"]), ("export_merged", ["--tiny"]),
-                                        ("convert_lora", ["--help"]), ("convert_lora", ["in.pt", "out.bin"])])
-def test_the_conversion_tools_answer_help_and_argument_errors_before_torch_is_imported(tool, argv):
+                                        ("convert_lora", ["--help"]), ("convert_lora", ["in.pt", "out.bin"]),
+                                        ("evaluate", ["--help"]), ("evaluate", ["--kind", "nope"])])
+def test_the_other_tools_answer_help_and_argument_errors_before_torch_is_imported(tool, argv):
     out = _cli(tool, *argv)
     assert out.returncode == (0 if argv == ["--help"] else 2), out.stderr[-2000:]
     assert ("usage:" in out.stdout) if argv == ["--help"] else ("error:" in out.stderr)

@@ -13,7 +13,8 @@ import torch
 from PIL import Image
 
 from tiny_models import PROMPTS, build_tiny_clipmodel
-from training.evaluate import load_image, main
+from training.evaluate import main
+from training.score_table import load_image
 from training.scoring import common_direction, score_images, text_features
 from training.reward_models import load_reward_model
 

@@ -24,14 +24,12 @@ from transformers import CLIPTokenizer
 
 from .clip_text import CLIP_WINDOW, clip_tokenizer
 from .folder_walk import walk_folder
+from .reward_names import OPEN_CLIP_KINDS, REWARD_KINDS, TRANSFORMERS_KINDS
 from .safe_io import (PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, ModelFileError, check_config_sizes, load_json_object,
                       load_pretrained_folder, load_tensors, materialize, meta_model, shape_problems, weight_shapes)
 from .transfer import to_device
 
 RewardKind = Literal["denscore", "pickscore", "hpsv2", "clip"]
-TRANSFORMERS_KINDS = ("denscore", "pickscore")
-OPEN_CLIP_KINDS = ("hpsv2", "clip")
-REWARD_KINDS = TRANSFORMERS_KINDS + OPEN_CLIP_KINDS
 MODEL_SUFFIXES = SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES
 COMFYUI_FOLDER = "ComfyUI/models/reward_models"
 TRANSFORMERS_WEIGHTS = (

@@ -38,16 +38,15 @@ import torch
 import torch.nn.functional as F
 
 from .reward_models import PreferenceModel
+from .reward_names import DIRECTION_SOURCES, REFERENCE_W
 from .segments import split_sentences
 from .transfer import to_device
 
-REFERENCE_W = 0.3
 CROP_FRACTION = 504 / 512
 TEXT_CHUNK = 256
 """Sentences per text-encoder forward (bounds memory when scoring thousands of prompts)."""
 DEFAULT_PROMPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "reference_prompts.txt")
 DirectionSource = Literal["batch", "reference", "builtin"]
-DIRECTION_SOURCES = ("batch", "reference", "builtin")
 SCORE_FIELDS = ("reweighted", "total", "text_relevant", "text_irrelevant", "eta", "total_scaled")
 Gather = Callable[[torch.Tensor], torch.Tensor]
 """Concatenates a tensor over all processes along dim 0 (e.g. ``accelerator.gather``)."""
