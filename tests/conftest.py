@@ -99,3 +99,23 @@ def tiny_clip_pair(comfy):
 
     model = tiny_clip_text_model(num_layers=2)
     return TransformersClipBackend(clip_tokenizer(), model), comfy_clip_from_transformers(model)
+
+
+@pytest.fixture
+def model_folder(comfy, tmp_path):
+    """``register(kind)``: makes ``tmp_path/models/<kind>`` a ComfyUI models folder of ``kind`` for one
+    test (removed again afterwards) and returns it."""
+    import folder_paths
+
+    added = []
+
+    def register(kind: str):
+        path = tmp_path / "models" / kind
+        os.makedirs(path, exist_ok=True)
+        folder_paths.add_model_folder_path(kind, str(path))
+        added.append((kind, str(path)))
+        return path
+
+    yield register
+    for kind, path in added:
+        folder_paths.folder_names_and_paths[kind][0].remove(path)

@@ -219,25 +219,6 @@ def test_walk_stops_at_its_depth_entry_and_time_bounds(tmp_path, caplog):
         assert "stopped after 0 s" in caplog.text
 
 
-@pytest.fixture
-def model_folder(comfy, tmp_path):
-    """Registers ``tmp_path/<kind>`` as a ComfyUI folder of ``kind`` for one test, then removes it."""
-    import folder_paths
-
-    added = []
-
-    def register(kind: str):
-        path = tmp_path / kind
-        os.makedirs(path, exist_ok=True)
-        folder_paths.add_model_folder_path(kind, str(path))
-        added.append((kind, str(path)))
-        return path
-
-    yield register
-    for kind, path in added:
-        folder_paths.folder_names_and_paths[kind][0].remove(path)
-
-
 def test_reward_and_t5_lists_end_despite_link_loops(pack, model_folder):
     rewards = model_folder("reward_models")
     _loop_tree(rewards)

@@ -36,25 +36,6 @@ def input_dir(comfy, tmp_path):
     folder_paths.set_input_directory(before)
 
 
-@pytest.fixture
-def model_folder(comfy, tmp_path):
-    """Registers ``tmp_path/models/<kind>`` as a ComfyUI folder of ``kind`` for one test."""
-    import folder_paths
-
-    added = []
-
-    def register(kind: str):
-        path = tmp_path / "models" / kind
-        os.makedirs(path, exist_ok=True)
-        folder_paths.add_model_folder_path(kind, str(path))
-        added.append((kind, str(path)))
-        return path
-
-    yield register
-    for kind, path in added:
-        folder_paths.folder_names_and_paths[kind][0].remove(path)
-
-
 @pytest.fixture(scope="module")
 def reward_model(tmp_path_factory):
     folder = tmp_path_factory.mktemp("paths_reward") / "tiny_denscore"
