@@ -98,4 +98,26 @@ def test_component_configs_larger_than_their_weights_are_refused_before_loading(
         config.write_text(json.dumps({**json.loads(original), **change}))
         with pytest.raises(ModelFileError, match=expected):
             check_pretrained_folder(classes[sub], str(tmp_path / sub), f"model.pretrained {sub}")
+        with pytest.raises(ModelFileError, match=f"{sub}/.*{expected}"):  # the trainer's loader checks first
+            load_components(ModelConfig(pretrained=str(tmp_path)))
+        config.write_text(original)
+
+
+def test_single_file_configs_larger_than_the_file_are_refused_before_loading(tmp_path, comfy):
+    """A single file read with the user's ``model.config``: configs beyond the size bounds, or describing
+    more parameters than the file holds, are refused on the meta device before anything is built."""
+    import pytest
+
+    test_single_file_checkpoint_loads_with_shipped_style_configs(tmp_path, comfy)
+    path, configs = str(tmp_path / "tiny_sd15.safetensors"), tmp_path / "configs"
+    for sub, change, expected in [
+        ("text_encoder", {"num_hidden_layers": 2000}, "num_hidden_layers is 2000; expected a number from 0 to 256"),
+        ("text_encoder", {"num_hidden_layers": 200}, "parameters but the file holds"),
+        ("unet", {"block_out_channels": [2048]}, "parameters but the file holds"),
+    ]:
+        config = configs / sub / "config.json"
+        original = config.read_text()
+        config.write_text(json.dumps({**json.loads(original), **change}))
+        with pytest.raises(ModelFileError, match=expected):
+            load_components(ModelConfig(pretrained=path, config=str(configs)))
         config.write_text(original)

@@ -9,7 +9,7 @@ before any weight is built.
 """
 from __future__ import annotations
 
-import json
+import math
 import os
 from dataclasses import dataclass
 
@@ -22,7 +22,8 @@ from .conditioning import SDXLClipBackend, TextConditioner
 from .config import ModelConfig
 from .families import SD15, SDXL, Family, detect, family_named, safetensors_header
 from .lora_format import CONFIG_DIR, lora_layers
-from .safe_io import ModelFileError
+from .safe_io import (ModelFileError, check_config_sizes, check_pretrained_folder, load_json_object,
+                      load_pretrained_folder, meta_model, weight_shapes)
 from .t5 import T5Branch
 from .tiny import TINY_SDXL_UNET_CONFIG, TINY_UNET_CONFIG, tiny_clip_text_model, tiny_sdxl_text_encoders, tiny_sdxl_unet, tiny_unet, tiny_vae
 
@@ -139,8 +140,9 @@ def _unet_config(cfg: ModelConfig, family: Family) -> dict:
     if cfg.tiny:
         return dict(TINY_SDXL_UNET_CONFIG if family is SDXL else TINY_UNET_CONFIG)
     folder = cfg.pretrained if os.path.isdir(cfg.pretrained) else (cfg.config or family.configs)
-    with open(os.path.join(folder, "unet", "config.json"), encoding="utf-8") as f:
-        return {k: v for k, v in json.load(f).items() if not k.startswith("_")}
+    config = load_json_object(os.path.join(folder, "unet", "config.json"), "model.config" if cfg.config else
+                              "model.pretrained")
+    return {k: v for k, v in config.items() if not k.startswith("_")}
 
 
 def load_components(cfg: ModelConfig) -> Components:
@@ -162,16 +164,22 @@ def _load(cfg: ModelConfig, family: Family) -> Components:
     path = cfg.pretrained
     kw = {"local_files_only": True}
     if os.path.isdir(path):
+        what = f"model.pretrained {path!r}"
+        for cls, sub in ((UNet2DConditionModel, "unet"), (AutoencoderKL, "vae")):
+            check_pretrained_folder(cls, os.path.join(path, sub), f"{what} {sub}/")
+        text_encoders = [load_pretrained_folder(cls, os.path.join(path, sub), f"{what} {sub}/", torch.float32)
+                         for cls, sub in zip(TEXT_ENCODER_CLASSES, family.text_encoders)]
         return Components(
             UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kw),
             AutoencoderKL.from_pretrained(path, subfolder="vae", **kw),
-            CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kw),
+            text_encoders[0],
             clip_tokenizer(path),
             DDPMScheduler.from_pretrained(path, subfolder="scheduler", **kw),
             family,
-            CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", **kw) if family is SDXL else None,
+            *text_encoders[1:],
         )
     config = cfg.config or family.configs
+    _check_single_file_configs(path, config, family)
     kw = {"config": config, "local_files_only": True}
     text_encoders = _single_file_text_encoders(path, config, family)
     return Components(
@@ -179,16 +187,42 @@ def _load(cfg: ModelConfig, family: Family) -> Components:
         AutoencoderKL.from_single_file(path, subfolder="vae", **kw),
         text_encoders[0],
         clip_tokenizer(),
-        DDPMScheduler.from_pretrained(config, subfolder="scheduler"),
+        DDPMScheduler.from_pretrained(config, subfolder="scheduler", local_files_only=True),
         family,
         *text_encoders[1:],
     )
+
+
+TEXT_ENCODER_CLASSES = (CLIPTextModel, CLIPTextModelWithProjection)
+"""The classes of a family's text encoders, in ``Family.text_encoders`` order ([L | G])."""
+
+
+def _check_single_file_configs(path: str, config: str, family: Family) -> None:
+    """Before anything is built from a single file: every component config (``model.config`` may be the
+    user's) within :data:`.safe_io.SIZE_BOUNDS`, and the components it describes, built on the meta
+    device, no larger than the file's weights (``from_single_file`` would fill the rest with random
+    weights, in real memory)."""
+    shapes = weight_shapes(path, "model.pretrained")
+    parts = [(UNet2DConditionModel, "unet"), (AutoencoderKL, "vae"), *zip(TEXT_ENCODER_CLASSES, family.text_encoders)]
+    need = 0
+    for cls, sub in parts:
+        what = f"model.config {os.path.join(config, sub)!r}"
+        fields = load_json_object(os.path.join(config, sub, "config.json"), what)
+        check_config_sizes(fields, what, len(shapes))
+        if hasattr(cls, "config_class"):  # transformers
+            settings = cls.config_class.from_dict(fields)
+            need += sum(p.numel() for p in meta_model(lambda: cls(settings), what).parameters())
+        else:
+            need += sum(p.numel() for p in meta_model(lambda: cls.from_config(fields), what).parameters())
+    have = sum(math.prod(shape) for shape in shapes.values())
+    if need > have:
+        raise ModelFileError(f"model.pretrained {path!r}: the configs in {config!r} describe {need:,} parameters but "
+                             f"the file holds {have:,} values: configs and weights do not match")
 
 
 def _single_file_text_encoders(path: str, config: str, family: Family) -> list[torch.nn.Module]:
     from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm, load_single_file_checkpoint
 
     checkpoint = load_single_file_checkpoint(path, local_files_only=True)
-    classes = (CLIPTextModel, CLIPTextModelWithProjection)
     return [create_diffusers_clip_model_from_ldm(cls, checkpoint, config=os.path.join(config, sub), local_files_only=True)
-            for cls, sub in zip(classes, family.text_encoders)]
+            for cls, sub in zip(TEXT_ENCODER_CLASSES, family.text_encoders)]
