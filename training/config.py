@@ -13,6 +13,7 @@ import dataclasses
 import json
 import os
 import typing
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args, get_origin
 
@@ -222,9 +223,9 @@ FAMILY_OBJECTIVE_DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
                         "comat.disc_lr": 5e-5},
 }
 """Settings of an objective that differ by model family, applied over :data:`OBJECTIVE_DEFAULTS` when
-``model.family`` names the family. CoMat-SDXL (SPEC §9, CaraJ7/CoMat ``scripts/sdxl.sh``): 512 x 512,
-lr 2e-5, batch 6 per GPU, w_adv 0.5, discriminator lr 5e-5; rank-128 attention LoRA, 50 steps, K = 5,
-clip 0.1 as SD1.5's."""
+``model.family`` names the family, or is ``auto`` and ``model.pretrained`` is of it (:func:`detected_family`).
+CoMat-SDXL (SPEC §9, CaraJ7/CoMat ``scripts/sdxl.sh``): 512 x 512, lr 2e-5, batch 6 per GPU, w_adv 0.5,
+discriminator lr 5e-5; rank-128 attention LoRA, 50 steps, K = 5, clip 0.1 as SD1.5's."""
 
 SAMPLER_DEFAULTS: dict[str, dict[str, Any]] = {
     "ddim": {},
@@ -425,6 +426,27 @@ def build_parser(stage: str, description: str) -> argparse.ArgumentParser:
     return parser
 
 
+def detected_family(pretrained: str | None, objective: str | None) -> str | None:
+    """The family of ``model.pretrained`` for :data:`FAMILY_OBJECTIVE_DEFAULTS` under ``model.family auto``,
+    read with the standard library (:func:`.family_detect.family_name`). None when there is nothing to
+    read yet: no path, a missing or unsupported model (the trainer's own detection then refuses it by
+    name), an objective whose defaults do not depend on the family, or a pickled ``.ckpt``, which needs
+    torch: then the objective's SD1.5 defaults apply, with a warning."""
+    from .family_detect import DetectionError, family_name
+
+    if not pretrained or not os.path.exists(pretrained) or all(o != objective for _, o in FAMILY_OBJECTIVE_DEFAULTS):
+        return None
+    try:
+        family = family_name(pretrained)
+    except DetectionError:
+        return None
+    if family is None:
+        warnings.warn(f"model.pretrained {pretrained!r}: the family of a pickled checkpoint is known only once it "
+                      f"loads, so --objective {objective}'s defaults are SD1.5's; for an SDXL checkpoint set "
+                      "--model.family sdxl (or use its .safetensors) to get that family's defaults", stacklevel=3)
+    return family
+
+
 SHORTHANDS = {"objective": "sampling.objective", "sampler": "sampling.sampler", "captioner": "comat.captioner"}
 
 
@@ -452,8 +474,11 @@ def resolve(stage: str, args: argparse.Namespace) -> TrainConfig:
             raise ConfigError(f"{key} = {name!r} belongs to the reward stage, this is `training.{stage}`")
         for k, v in table[name].items():
             set_value(cfg, k, v)
-    family_key = tuple(cli.get(k, file_values.get(k)) for k in ("model.family", "sampling.objective"))
-    for k, v in FAMILY_OBJECTIVE_DEFAULTS.get(family_key, {}).items():
+    objective = cli.get("sampling.objective", file_values.get("sampling.objective"))
+    family = cli.get("model.family", file_values.get("model.family", "auto"))
+    if family == "auto" and not getattr(args, "tiny", False):
+        family = detected_family(cli.get("model.pretrained", file_values.get("model.pretrained")), objective)
+    for k, v in FAMILY_OBJECTIVE_DEFAULTS.get((family, objective), {}).items():
         set_value(cfg, k, v)
     chosen = {**file_values, **cli}
     check_sections(stage, chosen, chosen.get("sampling.objective", "longalign"), chosen.get("sampling.sampler", "ddim"))

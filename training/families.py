@@ -7,7 +7,8 @@ key prefixes stock ComfyUI maps, and the LoRA metadata the ecosystem reads. :fun
 the family from what the user gives -- a diffusers folder (``model_index.json``, the UNet and
 scheduler configs) or a single-file checkpoint (its tensor names, read from the safetensors header
 only) -- before any weight is built, and refuses anything else by name (SD2.x: v-prediction, which
-no objective here targets).
+no objective here targets). The reading itself is :mod:`.family_detect`'s (standard library only, so
+the config's resolution uses the same detector before torch is imported).
 
 SDXL's added conditioning travels inside the context tensor, so the sampler, the objectives and the
 denoisers pass one tensor as for SD1.x: :func:`.conditioning.join_pooled` appends one row holding
@@ -21,19 +22,19 @@ so at the training resolution ``R`` they are ``(R, R, 0, 0, R, R)`` (CoMat-SDXL:
 """
 from __future__ import annotations
 
-import json
+import contextlib
 import os
-import struct
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import torch
 
+from . import family_detect
 from .conditioning import split_pooled
+from .family_detect import TEXT_ENCODERS
 from .lora_format import CONFIG_DIR
 from .safe_io import ModelFileError
 
-SD2_REFUSAL = "SD2.x (v-prediction) is not supported for training; use SD1.5 or SDXL"
 VAE_SCALE = 8
 """Pixels per latent position (SD1.x and SDXL VAEs)."""
 
@@ -80,8 +81,8 @@ class Family:
                                            with_kwargs=True)
 
 
-SD15 = Family("sd15", "SD1.x", ("text_encoder",), None, ("lora_te_",), "stable-diffusion-v1", "sd_v1")
-SDXL = Family("sdxl", "SDXL", ("text_encoder", "text_encoder_2"), -2, ("lora_te1_", "lora_te2_"),
+SD15 = Family("sd15", "SD1.x", TEXT_ENCODERS["sd15"], None, ("lora_te_",), "stable-diffusion-v1", "sd_v1")
+SDXL = Family("sdxl", "SDXL", TEXT_ENCODERS["sdxl"], -2, ("lora_te1_", "lora_te2_"),
               "stable-diffusion-xl-v1-base", "sdxl_base_v1-0", added_conditioning=True, cross_attention_dim=2048)
 FAMILIES = {f.name: f for f in (SD15, SDXL)}
 
@@ -111,72 +112,34 @@ class AddedConditioning:
         return tuple(args), kwargs
 
 
-def _read_json(path: str, what: str) -> dict:
+@contextlib.contextmanager
+def _model_file_errors() -> Iterator[None]:
+    """:class:`.family_detect.DetectionError` (the torch-free detector's) as :class:`.safe_io.ModelFileError`."""
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelFileError(f"model.pretrained: {what} {path!r} cannot be read as JSON: {e}") from e
-    if not isinstance(data, dict):
-        raise ModelFileError(f"model.pretrained: {what} {path!r} is not a JSON object")
-    return data
+        yield
+    except family_detect.DetectionError as e:
+        raise ModelFileError(str(e)) from e
 
 
 def detect_folder(path: str) -> Family:
-    """The family of a diffusers folder, from ``model_index.json`` and the UNet/scheduler configs."""
-    index = _read_json(os.path.join(path, "model_index.json"), "model_index.json")
-    pipeline = index.get("_class_name")
-    unet_config = os.path.join(path, "unet", "config.json")
-    if not os.path.isfile(unet_config):
-        raise ModelFileError(f"model.pretrained: {path!r} has no unet/config.json; expected a diffusers SD1.5 or "
-                             "SDXL folder (unet/, vae/, text_encoder/, scheduler/, and text_encoder_2/ for SDXL)")
-    unet = _read_json(unet_config, "UNet config")
-    scheduler_config = os.path.join(path, "scheduler", "scheduler_config.json")
-    prediction = (_read_json(scheduler_config, "scheduler config").get("prediction_type", "epsilon")
-                  if os.path.isfile(scheduler_config) else "epsilon")
-    context, added = unet.get("cross_attention_dim"), unet.get("addition_embed_type")
-    found = (f"pipeline {pipeline!r}, UNet cross_attention_dim {context!r}, addition_embed_type {added!r}, "
-             f"prediction_type {prediction!r}")
-    if pipeline == "StableDiffusionXLPipeline" and context == 2048 and added == "text_time":
-        family = SDXL
-    elif pipeline == "StableDiffusionPipeline" and context == 768 and added is None:
-        family = SD15
-    elif pipeline == "StableDiffusionPipeline" and context == 1024:
-        raise ModelFileError(f"model.pretrained: {path!r} is SD2.x ({found}): {SD2_REFUSAL}")
-    else:
-        raise ModelFileError(f"model.pretrained: {path!r} is not a model family the trainer supports ({found}); "
-                             "expected SD1.x (StableDiffusionPipeline, context 768) or SDXL base "
-                             "(StableDiffusionXLPipeline, context 2048, text_time)")
-    if prediction != family.prediction_type:
-        raise ModelFileError(f"model.pretrained: {path!r} ({found}) predicts {prediction!r}; the trainer's objectives "
-                             f"target {family.prediction_type!r} ({SD2_REFUSAL})")
-    for sub in family.text_encoders:
-        if not os.path.isfile(os.path.join(path, sub, "config.json")):
-            raise ModelFileError(f"model.pretrained: the {family.label} folder {path!r} has no {sub}/config.json; "
-                                 f"expected the text encoders {', '.join(family.text_encoders)}")
-    return family
+    """The family of a diffusers folder, from ``model_index.json`` and the UNet/scheduler configs
+    (:func:`.family_detect.folder_family`)."""
+    with _model_file_errors():
+        return FAMILIES[family_detect.folder_family(path)]
 
 
 def safetensors_header(path: str, what: str) -> dict:
     """The JSON header of a .safetensors file (names, dtypes, shapes, ``__metadata__``); no tensor is read."""
-    try:
-        with open(path, "rb") as f:
-            size = struct.unpack("<Q", f.read(8))[0]
-            if size > 100 * 2**20:
-                raise ValueError(f"header of {size} bytes")
-            header = json.loads(f.read(size))
-    except (OSError, struct.error, ValueError, UnicodeDecodeError) as e:
-        raise ModelFileError(f"{what}: {path!r} is not a readable .safetensors file: {e}") from e
-    if not isinstance(header, dict):
-        raise ModelFileError(f"{what}: {path!r} has a malformed .safetensors header")
-    return header
+    with _model_file_errors():
+        return family_detect.safetensors_header(path, what)
 
 
 def checkpoint_keys(path: str) -> list[str]:
     """The tensor names of a single-file checkpoint, without reading its tensors (safetensors: the
     header; a pickled ``.ckpt``: a memory-mapped weights-only load)."""
     if path.lower().endswith(".safetensors"):
-        return [k for k in safetensors_header(path, "model.pretrained") if k != "__metadata__"]
+        with _model_file_errors():
+            return family_detect.safetensors_keys(path)
     from .safe_io import load_pickle
 
     data = load_pickle(path, "model.pretrained")
@@ -188,25 +151,10 @@ def checkpoint_keys(path: str) -> list[str]:
 
 
 def detect_keys(keys: Iterable[str], what: str) -> Family:
-    """The family of a single-file checkpoint (LDM names, as ComfyUI users have them) by its keys."""
-    keys = list(keys)
-
-    def has(prefix: str) -> bool:
-        return any(k.startswith(prefix) for k in keys)
-
-    if has("conditioner.embedders.1.model.") and has("conditioner.embedders.0.transformer."):
-        return SDXL
-    if has("cond_stage_model.model."):
-        raise ModelFileError(f"model.pretrained: {what} is SD2.x (OpenCLIP-H text encoder, cond_stage_model.model.*): "
-                             f"{SD2_REFUSAL}")
-    if has("cond_stage_model.transformer.") and has("model.diffusion_model.") and not has("model.diffusion_model.label_emb."):
-        return SD15
-    roots = sorted({".".join(k.split(".")[:2]) for k in keys})
-    refiner = " (an SDXL refiner: bigG only)" if has("conditioner.embedders.0.model.") else ""
-    raise ModelFileError(
-        f"model.pretrained: {what} is not a checkpoint of a family the trainer supports{refiner}: its keys start with "
-        f"{roots[:8]}{' ...' if len(roots) > 8 else ''}; expected SD1.x (model.diffusion_model.*, "
-        "cond_stage_model.transformer.*) or SDXL base (conditioner.embedders.0.transformer.*, conditioner.embedders.1.model.*)")
+    """The family of a single-file checkpoint (LDM names, as ComfyUI users have them) by its keys
+    (:func:`.family_detect.keys_family`)."""
+    with _model_file_errors():
+        return FAMILIES[family_detect.keys_family(keys, what)]
 
 
 def detect(path: str) -> Family:
