@@ -72,6 +72,17 @@ def tiny_sd15_checkpoint(comfy) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_sdxl_checkpoint(comfy) -> str:
+    """The SDXL-format file ComfyUI detects as SDXL (~1.9 GB: the full text encoders), built once per machine."""
+    from tiny_models import build_tiny_sdxl_checkpoint
+
+    path = os.path.join(tiny_cache_dir(), "tiny_sdxl_detected_v1.safetensors")
+    if not os.path.isfile(path):
+        build_tiny_sdxl_checkpoint(path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def comfy_server(tmp_path_factory, tiny_sd15_checkpoint):
     """A real ComfyUI server (CPU, loopback) with this pack and the tiny SD1.5 checkpoint."""
     from comfy_server import ComfyServer

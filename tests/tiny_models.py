@@ -6,6 +6,9 @@
   ComfyUI's stock ``CheckpointLoaderSimple`` detects as SD1.5: a one-level 320-channel diffusers
   ``UNet2DConditionModel`` mapped to LDM names with ComfyUI's own key map, the full ViT-L/14 text
   encoder (ComfyUI needs all its layers), and a TAESD-format VAE.
+* :func:`build_tiny_sdxl_checkpoint`: its SDXL twin (SPEC §9): a UNet with the structure ComfyUI's
+  detection requires of SDXL (:data:`DETECTED_SDXL_UNET_CONFIG`, ~134 M parameters), the full-size
+  CLIP-L and bigG text encoders (random, ~1.6 GB in fp16), and a TAESD-format VAE.
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ import os
 import open_clip
 import torch
 from safetensors.torch import save_file
-from transformers import CLIPModel, CLIPTextModel
+from transformers import CLIPModel, CLIPTextModel, CLIPTextModelWithProjection
 
 from training.safe_io import save_tensors, write_atomically
 from training.tiny import TINY_UNET_CONFIG, tiny_clip_model, tiny_clip_text_model, tiny_unet  # noqa: F401  (re-exported)
@@ -31,13 +34,13 @@ def clip_ldm_state_dict(model: CLIPTextModel) -> dict[str, torch.Tensor]:
     }
 
 
-def _ldm_unet_state_dict(unet) -> dict[str, torch.Tensor]:
+SD15_LDM_UNET = {"num_res_blocks": [1], "channel_mult": [1], "transformer_depth": [1],
+                 "transformer_depth_output": [1, 1], "transformer_depth_middle": 1}
+
+
+def _ldm_unet_state_dict(unet, unet_config: dict = SD15_LDM_UNET) -> dict[str, torch.Tensor]:
     import comfy.utils
 
-    unet_config = {
-        "num_res_blocks": [1], "channel_mult": [1], "transformer_depth": [1],
-        "transformer_depth_output": [1, 1], "transformer_depth_middle": 1,
-    }
     diffusers_to_ldm = comfy.utils.unet_to_diffusers(unet_config)
     sd = unet.state_dict()
     out = {}
@@ -74,6 +77,75 @@ def build_tiny_sd15_checkpoint(path: str, seed: int = 0) -> str:
     sd = {k: v.to(torch.float16).contiguous() for k, v in sd.items()}
     tmp = path + ".tmp"
     save_file(sd, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+DETECTED_SDXL_UNET_CONFIG = dict(
+    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 320, 320),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("UpBlock2D",) * 3,
+    mid_block_type="UNetMidBlock2D", transformer_layers_per_block=(1, 2, 10), cross_attention_dim=2048,
+    attention_head_dim=(5, 5, 5), use_linear_projection=True, addition_embed_type="text_time",
+    addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816, norm_num_groups=32,
+)
+"""The smallest diffusers UNet ComfyUI detects as SDXL (SPEC §9): model_channels 320, linear proj_in,
+context 2048, ADM 2816, input transformer depths [0, 0, 2, 2, 10, 10] (5 heads of 64), channel_mult
+[1, 1, 1], no output or middle transformers."""
+DETECTED_SDXL_LDM_UNET = {"num_res_blocks": [2, 2, 2], "channel_mult": [1, 1, 1],
+                          "transformer_depth": [0, 0, 2, 2, 10, 10], "transformer_depth_output": [0] * 9,
+                          "transformer_depth_middle": -1}
+SDXL_CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+                   projection_dim=768, hidden_act="quick_gelu")
+SDXL_CLIP_G = dict(hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32,
+                   projection_dim=1280, hidden_act="gelu")
+"""The full-size text encoders ComfyUI's SDXL loader always builds (fewer layers give NaN conditioning)."""
+
+
+def detected_sdxl_unet(seed: int = 0):
+    """A diffusers ``UNet2DConditionModel`` of :data:`DETECTED_SDXL_UNET_CONFIG` (fp32, diffusers' init)."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(**DETECTED_SDXL_UNET_CONFIG).eval()
+
+
+def _random_fp16_clip(cls, widths: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """The parameters of ``cls(config)`` drawn straight in fp16 (the model is built on the meta device,
+    so no fp32 copy exists): weights N(0, 0.02) as transformers initialises CLIP, LayerNorms 1 and 0."""
+    from transformers import CLIPTextConfig
+
+    config = CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, bos_token_id=49406,
+                            eos_token_id=49407, pad_token_id=49407, **widths)
+    with torch.device("meta"):
+        model = cls(config)
+    out = {}
+    for name, p in model.named_parameters():
+        if p.ndim == 1 and ("norm" in name or name.endswith("bias")):
+            t = torch.ones(p.shape, dtype=torch.float16) if "norm" in name and name.endswith("weight") \
+                else torch.zeros(p.shape, dtype=torch.float16)
+        else:
+            t = torch.empty(p.shape, dtype=torch.float16).normal_(0.0, 0.02, generator=generator)
+        out[name if name.startswith(("text_model.", "text_projection.")) else "text_model." + name] = t
+    return out
+
+
+def build_tiny_sdxl_checkpoint(path: str, seed: int = 0) -> str:
+    """Write an SDXL-format single file that ComfyUI's ``CheckpointLoaderSimple`` detects as SDXL to
+    ``path`` (atomically; fp16, ~1.9 GB) and return it: the UNet of :func:`detected_sdxl_unet` under
+    ``model.diffusion_model.*``, random full-size CLIP-L and bigG written with ComfyUI's own SDXL
+    converter (``conditioner.embedders.{0,1}.*``), a TAESD-format VAE."""
+    import comfy.supported_models
+
+    sd = {k: v.half() for k, v in _ldm_unet_state_dict(detected_sdxl_unet(seed), DETECTED_SDXL_LDM_UNET).items()}
+    generator = torch.Generator().manual_seed(seed)
+    clip = {}
+    for key, cls, widths in (("clip_l", CLIPTextModel, SDXL_CLIP_L), ("clip_g", CLIPTextModelWithProjection, SDXL_CLIP_G)):
+        clip.update({f"{key}.transformer.{k}": v for k, v in _random_fp16_clip(cls, widths, generator).items()})
+    sd.update(comfy.supported_models.SDXL(dict(DETECTED_SDXL_LDM_UNET)).process_clip_state_dict_for_saving(clip))
+    del clip
+    sd.update({k: v.half() for k, v in _taesd_state_dict(seed).items()})
+    tmp = path + ".tmp"
+    save_file({k: v.contiguous() for k, v in sd.items()}, tmp)
     os.replace(tmp, path)
     return path
 

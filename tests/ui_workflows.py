@@ -10,12 +10,13 @@ from workflows import EXAMPLES
 
 UI_EXAMPLES = {
     "long_prompt_sd15.json": "long prompt, stock SD1.5 checkpoint, LongAlign Text Encode",
+    "long_prompt_sdxl.json": "long prompt, SDXL checkpoint, LongAlign Text Encode, a trained SDXL LoRA",
     "longsd_long_prompt.json": "LongSD: alignment + reward LoRAs, T5 adapter",
     "best_of_n_reward.json": "four images, ranked by the decomposed reward, best one saved",
     "stock_vs_longalign.json": "the same seed through CLIP Text Encode and LongAlign Text Encode",
 }
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
-MODEL_WIDGETS = {"ckpt_name", "alignment_lora", "reward_lora", "t5_name", "adapter_name", "model_name"}
+MODEL_WIDGETS = {"ckpt_name", "lora_name", "alignment_lora", "reward_lora", "t5_name", "adapter_name", "model_name"}
 """Combo widgets that name model files: examples name the real files, a test server has tiny ones."""
 
 

@@ -19,8 +19,9 @@ def load_example(name: str) -> dict:
         return json.load(f)
 
 
-def shrink(workflow: dict, ckpt_name: str, steps: int = 2, size: int = 64, prefix: str | None = None) -> dict:
-    """The same graph on the tiny checkpoint: every loader, latent size and sampler made small."""
+def shrink(workflow: dict, ckpt_name: str, steps: int = 2, size: int = 64, prefix: str | None = None,
+           lora_name: str | None = None) -> dict:
+    """The same graph on the tiny checkpoint (and LoRA): every loader, latent size and sampler made small."""
     wf = copy.deepcopy(workflow)
     for node in wf.values():
         inputs = node["inputs"]
@@ -30,6 +31,8 @@ def shrink(workflow: dict, ckpt_name: str, steps: int = 2, size: int = 64, prefi
             inputs["width"] = inputs["height"] = size
         elif node["class_type"] == "KSampler":
             inputs["steps"] = steps
+        elif node["class_type"] == "LoraLoader" and lora_name:
+            inputs["lora_name"] = lora_name
         elif node["class_type"] == "SaveImage" and prefix:
             inputs["filename_prefix"] = prefix
     return wf
