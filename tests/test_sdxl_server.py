@@ -97,7 +97,9 @@ def test_sdxl_example_runs_with_the_trained_lora_on_a_checkpoint_comfyui_detects
     assert lora_node["inputs"]["strength_model"] == 1.0
     assert with_lora.shape == without.shape == (64, 64, 3)
     assert np.abs(with_lora - without).mean() > 1.0
-    assert any(k.startswith("lora_te1_") for k in sdxl_server.lora) and any(k.startswith("lora_te2_") for k in sdxl_server.lora)
+    stems = {k.rsplit(".", 2)[0] if ".lora_" in k else k.rsplit(".", 1)[0] for k in sdxl_server.lora}
+    assert {s.split("_")[1] for s in stems} == {"unet", "te1", "te2"}
+    assert "lora_unet_down_blocks_2_attentions_1_transformer_blocks_9_attn2_to_k" in stems  # the 10-deep blocks, bigG-wide context
 
 
 def test_sdxl_template_is_the_graph_of_its_api_twin(sdxl_server):
