@@ -12,6 +12,9 @@ time after warm-up; peak CUDA memory, reset before its step) and freed before th
 ``--quick``: the tiny preset on the CPU (timings reported, not asserted). Full: SD1.5 shapes from the
 shipped configs with random weights, ct5f context (T5-large + TextAdapter, 480 tokens), a
 ViT-H-14-size reward model, 512x512, batch 8, bf16, 50 DDIM steps, K = 5, CFG 7.5 (CUDA only).
+SDXL rows (issue #17): the same step on the tiny SDXL (``--quick``) or SDXL shapes from
+``training/configs/sdxl`` (CLIP-L + bigG, 240-row context with the pooled row, time ids at 512 px,
+batch 1), and the peak memory of the 24 GiB example configs' setting against 24 GiB (CUDA only).
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import gc
 import json
 import os
 import sys
+from functools import partial
 
 import torch
 
@@ -41,26 +45,30 @@ T5_LARGE = dict(vocab_size=32128, d_model=1024, d_kv=64, d_ff=4096, num_layers=2
                 feed_forward_proj="relu", is_encoder_decoder=False)
 
 
-def _components(full: bool, device: torch.device):
-    """UNet, VAE, CLIP text encoder, tokenizer, noise schedule: SD1.5 shapes (full; initialised on
-    ``device``, which is much faster than on the host) or the tiny preset."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+def _components(full: bool, device: torch.device, family: str = "sd15"):
+    """UNet, VAE, text encoder(s), tokenizer, noise schedule of ``family`` (``sd15``, ``sdxl``): its
+    shapes from the shipped configs (full; initialised on ``device``, which is much faster than on the
+    host) or the tiny preset."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
     from training.clip_text import clip_tokenizer
     from training.config import ModelConfig
-    from training.models import SD15_CONFIG, Components, load_components, sd15_scheduler
+    from training.families import family_named
+    from training.models import TEXT_ENCODER_CLASSES, Components, load_components
 
     if not full:
-        return load_components(ModelConfig(tiny=True))
+        return load_components(ModelConfig(tiny=True, family=family))
+    fam = family_named(family)
     torch.manual_seed(0)
     with device:
-        return Components(
-            UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(SD15_CONFIG, subfolder="unet")),
-            AutoencoderKL.from_config(AutoencoderKL.load_config(SD15_CONFIG, subfolder="vae")),
-            CLIPTextModel(CLIPTextConfig.from_pretrained(os.path.join(SD15_CONFIG, "text_encoder"))),
-            clip_tokenizer(), sd15_scheduler(),
-        )
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(fam.configs, subfolder="unet"))
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(fam.configs, subfolder="vae"))
+        encoders = [cls(cls.config_class.from_pretrained(os.path.join(fam.configs, sub)))
+                    for cls, sub in zip(TEXT_ENCODER_CLASSES, fam.text_encoders)]
+    fam.prepare_unet(unet)
+    return Components(unet, vae, encoders[0], clip_tokenizer(),
+                      DDPMScheduler.from_pretrained(fam.configs, subfolder="scheduler", local_files_only=True),
+                      fam, *encoders[1:])
 
 
 def _t5_branch(full: bool, device, dtype):
@@ -94,23 +102,21 @@ def _compile(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
-def _trainable(full: bool, device: torch.device):
+def _trainable(full: bool, device: torch.device, family: str = "sd15"):
     """Frozen components in the weight dtype with a rank-32 (tiny: 4) LoRA, dropout 0.1 as the
-    reference trains, and the ct5f conditioner: ``(components, lora params, conditioner, dtype)``."""
-    from training.clip_text import TransformersClipBackend
-    from training.conditioning import TextConditioner
+    reference trains, and the family's conditioner (SD1.5: ct5f; SDXL: CLIP-L + bigG with the pooled
+    row): ``(components, lora params, conditioner, dtype)``."""
     from training.lora import add_lora
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    c = _components(full, device)
-    for module in (c.unet, c.vae, c.text_encoder):
+    c = _components(full, device, family)
+    for module in c.frozen_modules():
         module.requires_grad_(False).to(device, dtype)
     params = add_lora(c.unet, 32 if full else 4, 32.0 if full else 4.0, dropout=0.1)
     for p in params:
         p.data = p.data.float()
-    conditioner = TextConditioner(TransformersClipBackend(c.tokenizer, c.text_encoder), 240 if full else 77,
-                                  _t5_branch(full, device, dtype))
-    return c, params, conditioner, dtype
+    t5 = _t5_branch(full, device, dtype) if family == "sd15" else None  # the T5 branch is SD1.5-only
+    return c, params, c.conditioner(240 if full else 77, t5), dtype
 
 
 def _optimizer_step(objective, data: dict, params: list, fast: bool, device: torch.device):
@@ -135,17 +141,18 @@ def _optimizer_step(objective, data: dict, params: list, fast: bool, device: tor
 DECODE_CHUNK = SamplingConfig().decode_chunk
 
 
-def _reward_step(mode: str, full: bool, device: torch.device, checkpoint_calls: bool = False):
+def _reward_step(mode: str, full: bool, device: torch.device, checkpoint_calls: bool = False, family: str = "sd15"):
     """A closure running one optimizer step of the reward stage in ``mode``, and the batch size
-    (``checkpoint_calls``: the fast mode's ``sampling.checkpoint_calls`` setting)."""
+    (``checkpoint_calls``: the fast mode's ``sampling.checkpoint_calls`` setting). Full size: SD1.5 at
+    batch 8; SDXL at batch 1, the 24 GiB example configs' setting."""
     from training.denoisers import CheckpointedUNet, MergedShadowUNet
     from training.objectives.reward import RewardObjective
 
-    c, params, conditioner, dtype = _trainable(full, device)
+    c, params, conditioner, dtype = _trainable(full, device, family)
     fast = mode == "fast"
     denoiser = (MergedShadowUNet(c.unet, compile=_compile(device), checkpoint_calls=checkpoint_calls) if fast
                 else CheckpointedUNet(c.unet, "unet"))
-    resolution, batch = (512, 8) if full else (64, 2)
+    resolution, batch = ((512, 8 if family == "sd15" else 1) if full else (64, 2))
     steps, K = (50, 5) if full else (6, 2)
     objective = RewardObjective(denoiser, c.vae, c.scheduler, conditioner, _reward_model(full, device, dtype),
                                 (4, resolution // 8, resolution // 8), steps, 7.5, K, 0.3, None, dtype,
@@ -221,7 +228,37 @@ def run(quick: bool) -> list[Result]:
     else:
         results.append(Result("reward step peak GPU memory", float("nan"), float("nan"), "G", "<= 0.5x", None,
                               note="not measured: no GPU in this run"))
-    return results
+    return results + _sdxl_rows(quick, device, repeats)
+
+
+SDXL_CARD_GIB = 24.0
+"""The card the SDXL 24 GiB example configs target (issue #17)."""
+
+
+def _sdxl_rows(quick: bool, device: torch.device, repeats: int) -> list[Result]:
+    """SDXL reward step, fast vs reference (tiny SDXL on the CPU with ``--quick``; SDXL shapes from
+    ``training/configs/sdxl``, 512 px, batch 1, bf16 on a GPU), and on a GPU the peak memory of the
+    24 GiB example configs' setting (fast, ``sampling.checkpoint_calls``) against 24 GiB. The speed and
+    fast-vs-reference memory rows are reported, not asserted (no SDXL target has been measured yet)."""
+    cuda = device.type == "cuda"
+    step = partial(_reward_step, family="sdxl")
+    ref_time, ref_mem = _measure("reference", not quick, device, repeats, step, "SDXL reward step")
+    fast_time, fast_mem = _measure("fast", not quick, device, repeats, step, "SDXL reward step")
+    where = "SDXL shapes, bf16, 512px, batch 1, ctx 240" if not quick else "tiny SDXL, CPU, batch 2, 6 steps, K 2"
+    results = [Result(f"SDXL reward step s/sample ({where})", fast_time, ref_time, "s", "report", None,
+                      note=f"samples/s {1 / fast_time:.3g} vs {1 / ref_time:.3g}: speed-up {ref_time / fast_time:.2f}x")]
+    if not cuda:
+        return results + [Result("SDXL reward step peak GPU memory", float("nan"), float("nan"), "G", "report", None,
+                                 note="not measured: no GPU in this run")]
+    low_time, low_mem = _measure("fast", True, device, repeats,
+                                 partial(_reward_step, checkpoint_calls=True, family="sdxl"),
+                                 "SDXL reward step, 24 GiB setting")
+    return results + [
+        Result("SDXL reward step peak GPU memory", fast_mem, ref_mem, "G", "report", None),
+        Result("SDXL reward step peak memory, 24 GiB setting", low_mem, SDXL_CARD_GIB, "G", "<= 24 GiB",
+               low_mem <= SDXL_CARD_GIB, note=f"fast, sampling.checkpoint_calls, batch 1; "
+                                              f"speed-up {ref_time / low_time:.2f}x over reference"),
+    ]
 
 
 if __name__ == "__main__":
