@@ -165,9 +165,17 @@ def test_reward_nodes_on_any_text_images_and_options(pack, reward_model, referen
     for t, r, i, s in zip(total, relevant, irrelevant, reweighted):
         assert abs(t - (r + i)) < 1e-4 and abs(s - (r + w * i)) < 1e-4
     assert json.loads(summary)["w"] == w
-    sorted_images, top, ranking = ranked["result"]
+    sorted_images, top, ranking, rejected, top_latent = ranked["result"]
     order = json.loads(ranking)["order"]
     assert sorted(order) == list(range(images.shape[0]))
     assert sorted_images.shape == images.shape and torch.equal(sorted_images, images[torch.tensor(order)])
-    assert top.shape == (min(top_k, images.shape[0]), *images.shape[1:])
+    from comfy_execution.graph_utils import ExecutionBlocker
+
+    kept = min(top_k, images.shape[0])
+    assert top.shape == (kept, *images.shape[1:])
+    if kept < images.shape[0]:
+        assert rejected.shape == (images.shape[0] - kept, *images.shape[1:])
+    else:
+        assert isinstance(rejected, ExecutionBlocker)  # nothing rejected: the nodes after it are skipped
+    assert isinstance(top_latent, ExecutionBlocker)  # no LATENT input: nothing to select
     check_scores(json.loads(ranking)["scores"], images.shape[0])
