@@ -13,12 +13,12 @@ from . import config as config_mod
 from .config import ConfigError
 
 DESCRIPTIONS = {
-    "align": "LongAlign stage 1: long-text alignment of an SD1.5 UNet LoRA (diffusion loss, segment-level "
+    "align": "LongAlign stage 1: long-text alignment of an SD1.5 or SDXL UNet LoRA (diffusion loss, segment-level "
              "text encoding). Defaults reproduce the paper (SPEC §4).",
     "reward": "LongAlign stage 2: decomposed preference optimisation through the differentiable DDIM "
               "sampler (50 steps, K = 5 gradient calls, CFG 7.5, w = 0.3). Needs prompts only. --objective "
               "textcraftor, --objective comat and --sampler lcm (reward_lcm) share the same loop.",
-    "lcm": "Latent consistency distillation of the (aligned) SD1.5 teacher into a LoRA student (Huber loss, "
+    "lcm": "Latent consistency distillation of the (aligned) SD1.5 or SDXL teacher into a LoRA student (Huber loss, "
            "DDIM solver 50 steps, c_skip/c_out with sigma_data 0.5 and timestep scaling 10; SPEC §4). Sample with "
            "4 LCM steps, CFG off (ComfyUI: LoraLoader + ModelSamplingDiscrete lcm + KSampler lcm, cfg 1).",
 }
