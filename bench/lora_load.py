@@ -40,7 +40,7 @@ def run(quick: bool) -> list[Result]:
         convert(os.path.join(tmp, "longsd.pt"), os.path.join(tmp, "longsd.safetensors"), config)
         size_mb = os.path.getsize(os.path.join(tmp, "longsd.safetensors")) / 2**20
         folder_paths.add_model_folder_path("loras", tmp)
-        ours_node = pack.NODE_CLASS_MAPPINGS["LongSDLoader"]()
+        ours_node = pack.NODE_CLASS_MAPPINGS["LongAlignLongSDLoader"]()
 
         def ours():
             return ours_node.load(model, "longsd.pt", 1.0, "None", 0.0)
@@ -57,6 +57,6 @@ def run(quick: bool) -> list[Result]:
     ratio = t_ours / t_stock
     return [Result(
         name=f"LoRA load+patch, {len(layers)} layers r{RANK} ({name})", ours=t_ours, baseline=t_stock, unit="s",
-        target="<= 1.2x", passed=ratio <= 1.2,
+        target="<= 1.2x", passed=None if quick else ratio <= 1.2,  # CPU timings are reported, not asserted
         note=f"{size_mb:.0f} MB; ours cold (layer order rebuilt on a meta UNet) {cold:.3f} s",
     )]
