@@ -5,9 +5,8 @@ import os
 import shutil
 
 import pytest
-import torch
-from safetensors.torch import save_file
 
+from tiny_models import SD15_KEYS, SDXL_KEYS, ldm_key_checkpoint
 from training.config import ModelConfig
 from training.families import SD15, SDXL, detect
 from training.lora import add_lora, kohya_state_dict
@@ -74,37 +73,23 @@ def test_sd2_folder_is_refused_before_any_weight_loads(tmp_path):
         load_components(ModelConfig(pretrained=_folder(tmp_path, "sd15", _sd2)))
 
 
-def _checkpoint(path, prefixes: list[str], ckpt: bool = False) -> str:
-    """A single file with one tiny tensor under each LDM key prefix."""
-    tensors = {p + "weight": torch.zeros(2) for p in prefixes}
-    if ckpt:
-        torch.save({"state_dict": tensors}, path)
-    else:
-        save_file(tensors, path)
-    return str(path)
-
-
-SD15_KEYS = ["model.diffusion_model.input_blocks.1.1.proj_in.", "cond_stage_model.transformer.text_model.embeddings.",
-             "first_stage_model.decoder.conv_in."]
-SDXL_KEYS = ["model.diffusion_model.label_emb.0.0.", "conditioner.embedders.0.transformer.text_model.embeddings.",
-             "conditioner.embedders.1.model.transformer.resblocks.0.attn.", "first_stage_model.decoder.conv_in."]
 SD2_KEYS = ["model.diffusion_model.input_blocks.1.1.proj_in.", "cond_stage_model.model.transformer.resblocks.0.attn."]
 
 
 @pytest.mark.parametrize("ckpt", [False, True])
 def test_single_files_are_detected_from_their_keys(tmp_path, ckpt):
     ext = ".ckpt" if ckpt else ".safetensors"
-    assert detect(_checkpoint(tmp_path / f"sd15{ext}", SD15_KEYS, ckpt)) is SD15
-    assert detect(_checkpoint(tmp_path / f"sdxl{ext}", SDXL_KEYS, ckpt)) is SDXL
+    assert detect(ldm_key_checkpoint(tmp_path / f"sd15{ext}", SD15_KEYS, ckpt)) is SD15
+    assert detect(ldm_key_checkpoint(tmp_path / f"sdxl{ext}", SDXL_KEYS, ckpt)) is SDXL
     with pytest.raises(ModelFileError, match=SD2_MESSAGE):
-        detect(_checkpoint(tmp_path / f"sd2{ext}", SD2_KEYS, ckpt))
+        detect(ldm_key_checkpoint(tmp_path / f"sd2{ext}", SD2_KEYS, ckpt))
 
 
 def test_unknown_single_files_are_refused_naming_their_keys(tmp_path):
-    flux = _checkpoint(tmp_path / "flux.safetensors", ["double_blocks.0.img_attn.", "img_in."])
+    flux = ldm_key_checkpoint(tmp_path / "flux.safetensors", ["double_blocks.0.img_attn.", "img_in."])
     with pytest.raises(ModelFileError, match=r"keys start with \['double_blocks\.0', 'img_in\.weight'\]"):
         load_components(ModelConfig(pretrained=flux))
-    refiner = _checkpoint(tmp_path / "refiner.safetensors", ["conditioner.embedders.0.model.transformer.",
+    refiner = ldm_key_checkpoint(tmp_path / "refiner.safetensors", ["conditioner.embedders.0.model.transformer.",
                                                              "model.diffusion_model.label_emb.0.0."])
     with pytest.raises(ModelFileError, match=r"an SDXL refiner"):
         detect(refiner)

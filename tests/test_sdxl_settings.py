@@ -11,19 +11,14 @@ import subprocess
 import sys
 
 import pytest
-import torch
-from safetensors.torch import save_file
 
 from comfy_inprocess import REPO
+from tiny_models import SD15_KEYS, SDXL_KEYS, ldm_key_checkpoint
 from training.config import FAMILY_OBJECTIVE_DEFAULTS, OBJECTIVE_DEFAULTS, build_parser, resolve
 
 HEAVY = ("torch", "diffusers", "transformers", "accelerate", "numpy", "PIL", "safetensors")
 CONFIGS = os.path.join(REPO, "training", "configs")
 EXAMPLES = os.path.join(CONFIGS, "examples")
-SDXL_KEYS = ["model.diffusion_model.label_emb.0.0.", "conditioner.embedders.0.transformer.text_model.embeddings.",
-             "conditioner.embedders.1.model.transformer.resblocks.0.attn.", "first_stage_model.decoder.conv_in."]
-SD15_KEYS = ["model.diffusion_model.input_blocks.1.1.proj_in.", "cond_stage_model.transformer.text_model.embeddings.",
-             "first_stage_model.decoder.conv_in."]
 COMAT_SDXL = {"optim.lr": 2e-5, "data.batch_size": 6, "comat.w_adv": 0.5, "data.resolution": 512,
               "comat.disc_lr": 5e-5, "lora.rank": 128, "sampling.steps": 50, "sampling.grad_steps": 5}
 
@@ -44,16 +39,6 @@ def _sdxl_folder(tmp_path) -> str:
     return folder
 
 
-def _checkpoint(path, prefixes: list[str], ckpt: bool = False) -> str:
-    """A single file with one tiny tensor under each LDM key prefix."""
-    tensors = {p + "weight": torch.zeros(2) for p in prefixes}
-    if ckpt:
-        torch.save({"state_dict": tensors}, path)
-    else:
-        save_file(tensors, path)
-    return str(path)
-
-
 def _resolve_without_torch(*argv: str) -> dict:
     """Resolve in a fresh ``python -X importtime`` process; assert nothing heavy was imported."""
     out = subprocess.run([sys.executable, "-X", "importtime", "-c", RESOLVE.format(keys=sorted(COMAT_SDXL)), *argv],
@@ -68,7 +53,7 @@ def _resolve_without_torch(*argv: str) -> dict:
 
 @pytest.mark.parametrize("model", ["folder", "safetensors"])
 def test_auto_family_sdxl_model_gets_comat_sdxl_defaults_before_torch_is_imported(tmp_path, model):
-    path = _sdxl_folder(tmp_path) if model == "folder" else _checkpoint(tmp_path / "xl.safetensors", SDXL_KEYS)
+    path = _sdxl_folder(tmp_path) if model == "folder" else ldm_key_checkpoint(tmp_path / "xl.safetensors", SDXL_KEYS)
     resolved = _resolve_without_torch("--objective", "comat", "--model.pretrained", path)
     assert resolved == COMAT_SDXL
     assert FAMILY_OBJECTIVE_DEFAULTS[("sdxl", "comat")]["optim.lr"] != OBJECTIVE_DEFAULTS["comat"]["optim.lr"]
@@ -79,14 +64,14 @@ def test_auto_family_sdxl_model_gets_comat_sdxl_defaults_before_torch_is_importe
 
 def test_auto_family_from_a_config_file_too(tmp_path):
     config = tmp_path / "c.yaml"
-    config.write_text(f"stage: reward\nmodel:\n  pretrained: {_checkpoint(tmp_path / 'xl.safetensors', SDXL_KEYS)}\n"
+    config.write_text(f"stage: reward\nmodel:\n  pretrained: {ldm_key_checkpoint(tmp_path / 'xl.safetensors', SDXL_KEYS)}\n"
                       "sampling:\n  objective: comat\ndata:\n  resolution: 768\n")
     cfg = resolve("reward", build_parser("reward", "").parse_args(["--config", str(config)]))
     assert (cfg.optim.lr, cfg.data.batch_size, cfg.comat.w_adv, cfg.data.resolution) == (2e-5, 6, 0.5, 768)
 
 
 def test_sd15_and_unreadable_models_keep_the_sd15_defaults(tmp_path):
-    sd15 = _checkpoint(tmp_path / "sd15.safetensors", SD15_KEYS)
+    sd15 = ldm_key_checkpoint(tmp_path / "sd15.safetensors", SD15_KEYS)
     broken = tmp_path / "broken.safetensors"
     broken.write_bytes(b"\x01")
     for path in (sd15, str(broken), str(tmp_path / "missing.safetensors")):
@@ -96,7 +81,7 @@ def test_sd15_and_unreadable_models_keep_the_sd15_defaults(tmp_path):
 
 
 def test_pickled_checkpoint_keeps_sd15_defaults_with_a_warning(tmp_path):
-    ckpt = _checkpoint(tmp_path / "xl.ckpt", SDXL_KEYS, ckpt=True)
+    ckpt = ldm_key_checkpoint(tmp_path / "xl.ckpt", SDXL_KEYS, ckpt=True)
     with pytest.warns(UserWarning, match=r"xl\.ckpt'.*known only once it loads.*--model\.family sdxl"):
         cfg = resolve("reward", build_parser("reward", "").parse_args(["--objective", "comat", "--model.pretrained",
                                                                        ckpt]))

@@ -240,3 +240,20 @@ def build_tiny_open_clip(folder: str, seed: int = 0) -> tuple[open_clip.CLIP, di
     config = os.path.join(folder, "tiny_clip.json")
     write_atomically(config, lambda tmp: json.dump(TINY_OPEN_CLIP, open(tmp, "w")))
     return model, {"hub": hub, "pt": pt, "safetensors": single, "config": config}
+
+
+SD15_KEYS = ["model.diffusion_model.input_blocks.1.1.proj_in.", "cond_stage_model.transformer.text_model.embeddings.",
+             "first_stage_model.decoder.conv_in."]
+SDXL_KEYS = ["model.diffusion_model.label_emb.0.0.", "conditioner.embedders.0.transformer.text_model.embeddings.",
+             "conditioner.embedders.1.model.transformer.resblocks.0.attn.", "first_stage_model.decoder.conv_in."]
+"""LDM key prefixes by which a single file is told SD1.x or SDXL (for family-detection tests)."""
+
+
+def ldm_key_checkpoint(path, prefixes: list[str], ckpt: bool = False) -> str:
+    """A single file with one tiny tensor under each LDM key prefix (``ckpt``: a weights-only pickle)."""
+    tensors = {p + "weight": torch.zeros(2) for p in prefixes}
+    if ckpt:
+        torch.save({"state_dict": tensors}, path)
+    else:
+        save_file(tensors, path)
+    return str(path)
