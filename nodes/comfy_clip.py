@@ -125,7 +125,8 @@ def _plain(text: str) -> bool:
 
 
 class ComfyClipBackend:
-    """Segments through ComfyUI's CLIP object (SD1.x, SD2.x, SDXL).
+    """Segments through ComfyUI's CLIP object (SD1.x, SD2.x, SDXL, and a Long-CLIP-L loaded by ComfyUI
+    from its position count, whose window is 248 positions: segments then hold up to 246 tokens).
 
     Plain sentences are tokenised together (:meth:`tokenize_batch`); rows are cut to
     the longest segment in the batch (see :func:`_short_rows`); the pad embedding, which needs the
@@ -147,6 +148,13 @@ class ComfyClipBackend:
                 f"this CLIP has text encoders {sorted(keys)}"
             )
         self.keys = sorted(keys, key=lambda k: k != "l")  # masks read from 'l' when present
+        windows = {f"clip_{k}": len(self._empty[k][0]) for k in self.keys}
+        if len(set(windows.values())) > 1:
+            raise ValueError(
+                "LongAlign Text Encode: this CLIP's text encoders take prompts of different lengths "
+                f"({', '.join(f'{k} {n}' for k, n in windows.items())} positions), as a Long-CLIP-L beside "
+                "SDXL's CLIP-G does; use text encoders of one length (Long-CLIP-L alone for SD1.x)"
+            )
         self._text_models = _text_models(clip)
         first = self._empty[self.keys[0]][0]
         self.window = len(first)

@@ -49,7 +49,8 @@ class LongAlignTextEncode:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "clip": ("CLIP", {"tooltip": "An SD1.x, SD2.x or SDXL CLIP."}),
+                "clip": ("CLIP", {"tooltip": "An SD1.x, SD2.x or SDXL CLIP, or a Long-CLIP-L from CLIP Loader "
+                                            "(248 positions: a sentence may then hold up to 246 tokens)."}),
                 "text": ("STRING", {"multiline": True, "dynamicPrompts": True,
                                     "tooltip": "A prompt of any length; (word:1.2) and embedding: work as usual."}),
                 "split": (["sentences", "native"], {

@@ -2,11 +2,14 @@
 live counter).
 
 Request: ``{"text": str, "token_length": int = 240, "split": "sentences" | "native",
-"keep_bos": bool = true}``. Answer: :class:`training.token_count.TokenCount` as JSON
-(``segments: [{text, tokens}]``, ``total_tokens``, ``kept_tokens``, ``token_length``,
-``truncated``). Tokenisation is ComfyUI's own SD1 CLIP tokenizer (the vocabulary SD1.x, SD2.x and
-SDXL share) driven through the node's backend, so ``(word:1.2)`` weights and ``embedding:`` names
-count as they encode. Bad requests get 400 (413 over :data:`MAX_BODY_BYTES`) with ``{"error": ...}``.
+"keep_bos": bool = true, "clip_name": str | null}``. Answer: :class:`training.token_count.TokenCount`
+as JSON (``segments: [{text, tokens}]``, ``total_tokens``, ``kept_tokens``, ``token_length``,
+``truncated``, ``window``, ``summary``: the counter's lines). Tokenisation is ComfyUI's own SD1 CLIP
+tokenizer (the vocabulary SD1.x, SD2.x and SDXL share) driven through the node's backend, so
+``(word:1.2)`` weights and ``embedding:`` names count as they encode. ``clip_name`` is the text
+encoder file the node's CLIP comes from (a CLIP Loader's choice): its window is the file's CLIP-L
+position count, as ComfyUI reads it (248 for Long-CLIP-L, 77 for CLIP; 77 without a file).
+Bad requests get 400 (413 over :data:`MAX_BODY_BYTES`) with ``{"error": ...}``.
 
 A request can neither freeze the server nor hold up the others: prompts up to :data:`SMALL_CHARS`
 characters (what the counter sends while one types) and longer ones are counted in two lanes, each
@@ -21,10 +24,12 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from aiohttp import web
+from safetensors import SafetensorError, safe_open
 
 from ..training.encode import SegmentOptions
 from ..training.token_count import count_tokens
@@ -38,6 +43,14 @@ TIME_LIMIT_S = 30.0
 """Seconds a request may take, waiting included, before its work is dropped."""
 POLL_S = 0.1
 """How often a waiting request checks that its client is still connected."""
+CLIP_WINDOW = 77
+MAX_WINDOW = 1024
+"""Largest window a text encoder file may give the counter (Long-CLIP-L: 248)."""
+POSITION_KEYS = ("clip_l.text_model.embeddings.position_embedding.weight",
+                 "text_model.embeddings.position_embedding.weight")
+"""Where ComfyUI reads a CLIP-L's position count (``comfy.text_encoders.long_clipl``)."""
+BACKENDS_PER_LANE = 2
+"""Tokenizers a lane keeps, one per window (CLIP and Long-CLIP)."""
 
 
 class _TokenizerOnlyClip:
@@ -53,12 +66,40 @@ class _TokenizerOnlyClip:
         return self.tokenizer.tokenize_with_weights(text)
 
 
-def _new_backend() -> ComfyClipBackend:
+def _new_backend(window: int = CLIP_WINDOW) -> ComfyClipBackend:
+    """ComfyUI's SD1 tokenizer with ``window`` positions, as ComfyUI builds it for a CLIP-L of that many."""
     import comfy.sd1_clip
     import folder_paths
 
-    tokenizer = comfy.sd1_clip.SD1Tokenizer(embedding_directory=folder_paths.get_folder_paths("embeddings"))
+    tokenizer = comfy.sd1_clip.SD1Tokenizer(embedding_directory=folder_paths.get_folder_paths("embeddings"),
+                                            tokenizer_data={"clip_l_max_length": window})
     return ComfyClipBackend(_TokenizerOnlyClip(tokenizer))
+
+
+def clip_window(clip_name: str | None) -> int:
+    """The window of the text encoder file ``clip_name`` (one of ComfyUI's ``text_encoders``): its CLIP-L
+    position rows from the safetensors header, as ComfyUI sizes the tokenizer on loading it; 77 for
+    None, a file that is not safetensors or holds no CLIP-L. ValueError naming ``clip_name`` for a
+    name not in that list or a window over :data:`MAX_WINDOW`."""
+    if clip_name is None:
+        return CLIP_WINDOW
+    import folder_paths
+
+    if clip_name not in folder_paths.get_filename_list("text_encoders"):
+        raise ValueError(f"'clip_name': {clip_name!r} is not a file in ComfyUI's text_encoders folders")
+    path = folder_paths.get_full_path("text_encoders", clip_name)
+    if not path or not path.lower().endswith(".safetensors"):
+        return CLIP_WINDOW
+    try:
+        with safe_open(path, framework="pt") as f:
+            keys = set(f.keys())
+            key = next((k for k in POSITION_KEYS if k in keys), None)
+            rows = f.get_slice(key).get_shape()[0] if key else CLIP_WINDOW
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"'clip_name': {clip_name!r} is not a readable safetensors file ({e})") from None
+    if not 3 <= rows <= MAX_WINDOW:
+        raise ValueError(f"'clip_name': {clip_name!r} has {rows} positions; expected 3 to {MAX_WINDOW}")
+    return rows
 
 
 class Dropped(Exception):
@@ -105,27 +146,36 @@ class Lane:
         self.dropped = 0
         """Jobs abandoned so far (client gone, time limit)."""
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"longalign-tokenize-{name}")
-        self._backend: ComfyClipBackend | None = None
+        self._backends: OrderedDict[int, ComfyClipBackend] = OrderedDict()
+        """Per window, the latest :data:`BACKENDS_PER_LANE` used."""
 
-    def _count(self, job: _Job, text: str, options: SegmentOptions) -> dict:
+    def _backend(self, window: int) -> ComfyClipBackend:
+        if window not in self._backends:
+            self._backends[window] = _new_backend(window)
+            while len(self._backends) > BACKENDS_PER_LANE:
+                self._backends.popitem(last=False)
+        self._backends.move_to_end(window)
+        return self._backends[window]
+
+    def _count(self, job: _Job, text: str, options: SegmentOptions, clip_name: str | None = None) -> dict:
         try:
             job.check()  # hung up or timed out while waiting: nothing is done
             check_bracket_depth(text, "'text'")
-            if self._backend is None:
-                self._backend = _new_backend()
-            return count_tokens(text, _Watched(self._backend, job), options).as_dict()
+            backend = self._backend(clip_window(clip_name))
+            return count_tokens(text, _Watched(backend, job), options).as_dict()
         except Dropped:
             self.dropped += 1  # only this lane's one worker thread writes it
             raise
 
-    async def count(self, request: web.Request, text: str, options: SegmentOptions) -> dict:
+    async def count(self, request: web.Request, text: str, options: SegmentOptions,
+                    clip_name: str | None = None) -> dict:
         """The count of ``text``, run in this lane while ``request``'s client stays connected. The
         request holds its place in the lane until the worker is done with it, even when aiohttp
         cancels the handler of a client that hung up: the lane never queues more than ``capacity``."""
         job = _Job(time.monotonic() + TIME_LIMIT_S)
         self.admitted += 1
         loop = asyncio.get_running_loop()
-        future = self._executor.submit(self._count, job, text, options)
+        future = self._executor.submit(self._count, job, text, options, clip_name)
         future.add_done_callback(lambda _: loop.call_soon_threadsafe(self._release))
         waiting = asyncio.wrap_future(future)
         try:
@@ -149,8 +199,8 @@ def _error(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
 
 
-def parse_request(body: bytes) -> tuple[str, SegmentOptions]:
-    """The prompt and options of a request body; ValueError with a message for the user."""
+def parse_request(body: bytes) -> tuple[str, SegmentOptions, str | None]:
+    """The prompt, options and text encoder file of a request body; ValueError with a message for the user."""
     try:
         data = json.loads(body.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -168,7 +218,11 @@ def parse_request(body: bytes) -> tuple[str, SegmentOptions]:
     keep_bos = data.get("keep_bos", True)
     if not isinstance(keep_bos, bool):
         raise ValueError("'keep_bos' must be true or false")
-    return text, SegmentOptions(split=data.get("split", "sentences"), token_length=token_length, keep_bos=keep_bos)
+    clip_name = data.get("clip_name")
+    if clip_name is not None and not isinstance(clip_name, str):
+        raise ValueError("'clip_name' must be a text encoder file name or null")
+    options = SegmentOptions(split=data.get("split", "sentences"), token_length=token_length, keep_bos=keep_bos)
+    return text, options, clip_name
 
 
 async def _read_limited(request: web.Request) -> bytes:
@@ -188,17 +242,17 @@ async def tokenize(request: web.Request) -> web.Response:
     except OverflowError:
         return _error(413, f"the body is over {MAX_BODY_BYTES // 1024} KiB")
     try:
-        text, options = parse_request(body)
+        text, options, clip_name = parse_request(body)
     except ValueError as e:  # SegmentOptions' own checks (split, token_length >= 0) land here too
         return _error(400, str(e))
     lane = LANES["small" if len(text) <= SMALL_CHARS else "large"]
     if lane.admitted >= lane.capacity:
         return _error(503, f"busy: {lane.admitted} prompts of this size are being counted; try again in a moment")
     try:
-        return web.json_response(await lane.count(request, text, options))
+        return web.json_response(await lane.count(request, text, options, clip_name))
     except Dropped as e:
         return _error(503, str(e))
-    except ValueError as e:  # brackets nested too deeply
+    except ValueError as e:  # brackets nested too deeply, a clip_name that is no text encoder file
         return _error(400, str(e))
 
 

@@ -6,8 +6,8 @@ trailing ``.`` back, as the reference does. Two deliberate differences from the 
 * it splits on all four marks (the reference's regex only matches ``.`` and ``?``), and only where
   the mark ends a word (followed by whitespace, another mark or the end), so ``3.5``, ``e.g.`` and
   ``embedding:name.pt`` stay whole; marks inside ComfyUI weighting brackets ``( )`` never split;
-* a sentence longer than the encoder's window (75 tokens) is split at word boundaries instead of
-  being truncated (:func:`pack_words`).
+* a sentence longer than the encoder's window (75 tokens for CLIP, 246 for Long-CLIP) is split at
+  word boundaries instead of being truncated (:func:`pack_words`).
 """
 from __future__ import annotations
 

@@ -30,9 +30,34 @@ class TokenCount:
     token_length: int
     truncated: bool
     """True when ``token_length`` > 0 and the segments give more rows than that: the end is cut."""
+    window: int
+    """Positions of the encoder's window, BOS and EOS included: 77 for CLIP, 248 for Long-CLIP; a
+    sentence longer than ``window - 2`` tokens is split at word boundaries."""
+
+    def summary(self) -> list[str]:
+        """The counter's two lines: the tokens kept of how many, the segment count and whether the
+        rest is cut; then the tokens each segment gives."""
+        n = len(self.segments)
+        segments = f"{n} segment{'' if n == 1 else 's'}"
+        L, kept = self.token_length, self.kept_tokens
+        if self.total_tokens == 0:
+            what = "the start token" if kept == 1 else "one empty window"  # sentences / native split
+            first = f"empty prompt: {_tokens(kept)} ({what})" + (f" · L = {L}" if L > 0 else "")
+        elif L <= 0:
+            first = f"{_tokens(kept)} · {segments} · L = 0: natural length, nothing cut"
+        elif self.truncated:
+            first = f"{L} of {kept} tokens kept · {segments} · the rest is cut"
+        else:
+            first = f"all {kept} tokens kept (L = {L}) · {segments}"
+        return [first, "per segment: " + " + ".join(str(s.tokens) for s in self.segments)]
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        """The fields, and ``summary``: the lines the front end's counter shows."""
+        return {**asdict(self), "summary": self.summary()}
+
+
+def _tokens(n: int) -> str:
+    return f"{n} token{'' if n == 1 else 's'}"
 
 
 def count_tokens(text: str, backend: TextEncoderBackend, options: SegmentOptions = SegmentOptions()) -> TokenCount:
@@ -51,4 +76,4 @@ def count_tokens(text: str, backend: TextEncoderBackend, options: SegmentOptions
         segments.append(SegmentCount(segment, kept))
     kept_total = sum(s.tokens for s in segments)
     L = options.token_length
-    return TokenCount(segments, total, kept_total, L, bool(L) and kept_total > L)
+    return TokenCount(segments, total, kept_total, L, bool(L) and kept_total > L, backend.window)

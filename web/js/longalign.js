@@ -64,19 +64,8 @@ function addPanel(node, name, className, height) {
 
 // ---- LongAlign Text Encode: live token counter ------------------------------------------------
 
-// Line 1: tokens kept of how many, the segment count, and whether the rest is cut (warning colour);
-// line 2: the tokens each segment gives.
-function describe(result) {
-  const n = result.segments.length;
-  const L = result.token_length;
-  const total = result.kept_tokens; // the rows the segments give, before the cut to L
-  const segments = `${n} segment${n === 1 ? "" : "s"}`;
-  let summary;
-  if (L <= 0) summary = `${total} tokens · ${segments} · L = 0: natural length, nothing cut`;
-  else if (result.truncated) summary = `${L} of ${total} tokens kept · ${segments} · the rest is cut`;
-  else summary = `all ${total} tokens kept (L = ${L}) · ${segments}`;
-  return [summary, `per segment: ${result.segments.map((s) => s.tokens).join(" + ")}`];
-}
+// The counter's lines come from the server (TokenCount.summary): line 1, the tokens kept of how
+// many, the segment count and whether the rest is cut (warning colour); line 2, each segment's tokens.
 
 // The panel height that shows every line whole at the node's width (lines wrap, never clip).
 function linesHeight(lines, width) {
@@ -103,6 +92,25 @@ function promptSource(node) {
   const origin = link && app.graph.getNodeById(link.origin_id);
   const source = origin?.widgets?.find((w) => typeof w.value === "string" && (w.name === "value" || w.name === "text"));
   return source;
+}
+
+// The text encoder file the node's CLIP is loaded from: the clip_name of the CLIP Loader its clip
+// input comes from, through nodes that pass a CLIP on (LoRA loaders, CLIP Set Last Layer); null for
+// a checkpoint's CLIP or any other source. The server reads the file's window (Long-CLIP: 248).
+function clipLoader(node) {
+  const seen = new Set();
+  let current = node;
+  while (current && !seen.has(current.id)) {
+    seen.add(current.id);
+    const name = widget(current, "clip_name");
+    if (name && current !== node) return name;
+    const input = current.inputs?.find((i) => i.type === "CLIP" && i.link != null);
+    if (!input) return null;
+    const links = app.graph?.links;
+    const link = links?.get?.(input.link) ?? links?.[input.link];
+    current = link && app.graph.getNodeById(link.origin_id);
+  }
+  return null;
 }
 
 function tooltip(result) {
@@ -136,11 +144,21 @@ function setupCounter(node) {
       show(["text comes from an input: counted when it runs"]);
       return;
     }
+    const loader = clipLoader(node);
+    if (loader && !watched.has(loader)) { // another text encoder file chosen upstream
+      watched.add(loader);
+      const callback = loader.callback;
+      loader.callback = function (...args) {
+        schedule();
+        return callback?.apply(this, args);
+      };
+    }
     const body = {
       text,
       token_length: Number(widget(node, "token_length")?.value ?? 240),
       split: widget(node, "split")?.value ?? "sentences",
       keep_bos: widget(node, "keep_bos")?.value ?? true,
+      clip_name: typeof loader?.value === "string" ? loader.value : null,
     };
     const mine = ++sequence;
     let result;
@@ -165,7 +183,8 @@ function setupCounter(node) {
     element.dataset.tokens = result.segments.map((s) => s.tokens).join(",");
     element.dataset.kept = String(result.kept_tokens);
     element.dataset.total = String(result.total_tokens);
-    show(describe(result));
+    element.dataset.window = String(result.window);
+    show(result.summary);
     element.title = tooltip(result);
   }
 
@@ -191,7 +210,7 @@ function setupCounter(node) {
   };
   const onConnectionsChange = node.onConnectionsChange;
   node.onConnectionsChange = function (...args) {
-    schedule(); // the text input linked or unlinked
+    schedule(); // the text or clip input linked or unlinked
     return onConnectionsChange?.apply(this, args);
   };
   node.longalignRefreshCounter = schedule;
