@@ -38,6 +38,21 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "LongAlignTextEmbeddingInterpolate": "Text Embedding Interpolate (LongAlign)",
 }
 
+SEARCH_ALIASES = {
+    "LongAlignTextEncode": ["long prompt", "long clip", "longclip", "clip text encode long", "sentences"],
+    "LongAlignRewardModelLoader": ["reward model", "preference model", "denscore", "pickscore", "hpsv2"],
+    "LongAlignDecomposedRewardScore": ["reward score", "text relevant", "image score"],
+    "LongAlignRankByReward": ["best of n", "best of", "best-of-n", "rank images", "pick best image"],
+    "LongAlignLongSDLoader": ["long prompt lora", "longsd lora"],
+    "LongAlignT5AdapterLoader": ["t5 encoder", "text adapter", "long prompt t5"],
+    "LongAlignTextEmbeddingInterpolate": ["interpolate prompts", "blend conditioning", "mix prompts"],
+}
+"""More words the canvas search finds each node by: ComfyUI serves a node's ``SEARCH_ALIASES`` in
+``/object_info`` (``search_aliases``; from 0.30) and the front end (1.58) searches them beside the id
+and the display name. Older versions ignore them; the display names alone hold the main words."""
+for _id, _words in SEARCH_ALIASES.items():
+    NODE_CLASS_MAPPINGS[_id].SEARCH_ALIASES = _words
+
 OLD_IDS = {"LongSDLoader": "LongAlignLongSDLoader", "T5AdapterLoader": "LongAlignT5AdapterLoader"}
 """Node ids of earlier releases -> their current id."""
 

@@ -20,21 +20,29 @@ threshold 0.3, extended search (every word of the query must match the same fiel
 distance 100 (a word found at index i scores i / 100)."""
 
 
-def front_end_finds(query: str, node_id: str, display_name: str) -> bool:
+FRONT_ENDS = ["1.32.9", "1.58.1"]
+"""1.58.1 searches a third key, ``search_aliases`` (each alias a value of its own), which ComfyUI 0.30
+serves from a node's ``SEARCH_ALIASES``."""
+
+
+def front_end_finds(query: str, node_id: str, display_name: str, aliases: tuple[str, ...] = ()) -> bool:
     """The exact-substring part of that search: every word of ``query`` occurs in one field,
     case-insensitive, early enough to score within the threshold. Deprecated nodes are hidden."""
     words = query.lower().split()
-    for field in (node_id, display_name):
+    for field in (node_id, display_name, *aliases):
         field = field.lower()
         if all(0 <= field.find(w) <= FUSE_THRESHOLD * FUSE_DISTANCE for w in words):
             return True
     return False
 
 
-def search(pack, query: str) -> set[str]:
+def search(pack, query: str, front_end: str = "1.32.9") -> set[str]:
+    def aliases(cls) -> tuple[str, ...]:
+        return tuple(getattr(cls, "SEARCH_ALIASES", ())) if front_end != "1.32.9" else ()
+
     return {node_id for node_id, cls in pack.NODE_CLASS_MAPPINGS.items()
             if not getattr(cls, "DEPRECATED", False)
-            and front_end_finds(query, node_id, pack.NODE_DISPLAY_NAME_MAPPINGS[node_id])}
+            and front_end_finds(query, node_id, pack.NODE_DISPLAY_NAME_MAPPINGS[node_id], aliases(cls))}
 
 
 def test_every_node_id_carries_the_pack_prefix_and_one_category_scheme(pack):
@@ -61,6 +69,7 @@ def test_the_search_helper_agrees_with_what_the_front_end_missed_before():
     assert front_end_finds("rank reward", "X", "Rank By Reward")
 
 
+@pytest.mark.parametrize("front_end", FRONT_ENDS)
 @pytest.mark.parametrize("query, expected", [
     ("LongAlign", NODE_IDS),
     ("long prompt", {"LongAlignTextEncode", "LongAlignLongSDLoader"}),
@@ -68,10 +77,24 @@ def test_the_search_helper_agrees_with_what_the_front_end_missed_before():
     ("reward", {"LongAlignRewardModelLoader", "LongAlignDecomposedRewardScore", "LongAlignRankByReward"}),
     ("LongSD", {"LongAlignLongSDLoader", "LongAlignT5AdapterLoader"}),
 ])
-def test_canvas_search_words_find_the_right_nodes(pack, query, expected):
-    assert expected <= search(pack, query), (query, search(pack, query))
+def test_canvas_search_words_find_the_right_nodes(pack, query, expected, front_end):
+    assert expected <= search(pack, query, front_end), (query, search(pack, query, front_end))
     if query != "LongAlign":
-        assert search(pack, query) <= NODE_IDS
+        assert search(pack, query, front_end) <= NODE_IDS
+
+
+@pytest.mark.parametrize("query, expected", [
+    ("best of n", {"LongAlignRankByReward"}),
+    ("long clip", {"LongAlignTextEncode"}),
+    ("pickscore", {"LongAlignRewardModelLoader"}),
+    ("t5", {"LongAlignT5AdapterLoader"}),
+    ("blend", {"LongAlignTextEmbeddingInterpolate"}),
+])
+def test_search_aliases_find_more_words_where_the_front_end_reads_them(pack, query, expected):
+    assert search(pack, query, "1.58.1") == expected
+    for node_id in NODE_IDS:  # what ComfyUI 0.30's /object_info serves as search_aliases
+        words = pack.NODE_CLASS_MAPPINGS[node_id].SEARCH_ALIASES
+        assert isinstance(words, list) and words and all(isinstance(w, str) and w.strip() for w in words)
 
 
 def _inputs(cls) -> dict:
