@@ -15,6 +15,16 @@ UI_EXAMPLES = {
     "best_of_n_reward.json": "four images, ranked by the decomposed reward, best one saved",
     "stock_vs_longalign.json": "the same seed through CLIP Text Encode and LongAlign Text Encode",
 }
+TEMPLATE_FILES = {
+    "long_prompt_sd15.json": "Long prompt (SD1.5).json",
+    "long_prompt_sdxl.json": "Long prompt (SDXL, LoRA).json",
+    "longsd_long_prompt.json": "LongSD long prompt (LoRAs, T5).json",
+    "best_of_n_reward.json": "Best of N by reward.json",
+    "stock_vs_longalign.json": "Stock vs LongAlign encode.json",
+}
+"""Each example's key (its API twin's and screenshot's name) -> its file in ``example_workflows``, named
+as the template browser should title it: the front end (1.32 to 1.58) shows a custom node's template
+by its file name, and nothing else."""
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 MODEL_WIDGETS = {"ckpt_name", "lora_name", "alignment_lora", "reward_lora", "t5_name", "adapter_name", "model_name"}
 """Combo widgets that name model files: examples name the real files, a test server has tiny ones."""
@@ -23,9 +33,14 @@ MODEL_WIDGETS = {"ckpt_name", "lora_name", "alignment_lora", "reward_lora", "t5_
 THUMBNAIL_WIDTH = 512
 
 
+def template_file(name: str) -> str:
+    """The file in ``example_workflows`` of example ``name``: a key of :data:`TEMPLATE_FILES` or a file name."""
+    return TEMPLATE_FILES.get(name, name)
+
+
 def thumbnail_path(name: str) -> str:
-    """The template browser's thumbnail of ``example_workflows/<name>``: ``<stem>.jpg`` beside it."""
-    return os.path.join(EXAMPLES, os.path.splitext(name)[0] + ".jpg")
+    """The template browser's thumbnail of example ``name``: ``<stem>.jpg`` beside its file."""
+    return os.path.join(EXAMPLES, os.path.splitext(template_file(name))[0] + ".jpg")
 
 
 def write_thumbnail(screenshot: str, name: str) -> str:
@@ -42,7 +57,8 @@ def write_thumbnail(screenshot: str, name: str) -> str:
 
 
 def load_ui(name: str) -> dict:
-    with open(os.path.join(EXAMPLES, name), encoding="utf-8") as f:
+    """Example ``name`` (a key of :data:`TEMPLATE_FILES` or a file name) as the front end saved it."""
+    with open(os.path.join(EXAMPLES, template_file(name)), encoding="utf-8") as f:
         return json.load(f)
 
 
