@@ -20,6 +20,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 from tiny_models import clip_ldm_state_dict
 from training.encode import SegmentOptions, encode_long_prompts
 
+pytestmark = pytest.mark.comfyui  # ComfyUI's Long-CLIP loading, rerun on every ComfyUI version
 POSITIONS = 248
 WIDTHS = dict(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=2, projection_dim=64)
 FILE = "tiny_long_clip_l.safetensors"

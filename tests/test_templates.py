@@ -12,6 +12,7 @@ import re
 import urllib.parse
 
 import aiohttp
+import pytest
 from PIL import Image
 
 from comfy_inprocess import REPO
@@ -84,6 +85,7 @@ def test_every_template_is_titled_by_a_readable_file_name():
         assert READABLE_TITLE.fullmatch(title) and len(title) <= 40, f"{name!r}: the template browser's title"
 
 
+@pytest.mark.comfyui
 def test_comfyui_lists_and_serves_each_template_and_thumbnail_by_its_title(comfy, tmp_path):
     """ComfyUI's own template routes (``/workflow_templates``, the static folder) on the pack's folder,
     fetched by the URLs the front end builds from the titles."""
