@@ -28,23 +28,30 @@ LONG_SENTENCE = "A lighthouse keeper walks " + ", ".join(f"past stone number {i}
 TEXT = f"A red boat on a calm sea. {LONG_SENTENCE} Gulls circle the lamp."
 
 
+def write_long_clip(path: str) -> CLIPTextModel:
+    """A narrow Long-CLIP-L (transformers, 248 positions) written at ``path`` as a text encoder file
+    (the ``text_model.`` keys ComfyUI's CLIP Loader reads)."""
+    torch.manual_seed(0)
+    config = CLIPTextConfig(vocab_size=49408, max_position_embeddings=POSITIONS, hidden_act="quick_gelu",
+                            bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, **WIDTHS)
+    model = CLIPTextModel(config).eval()
+    save_file(clip_ldm_state_dict(model), path)
+    return model
+
+
 @pytest.fixture(scope="module")
 def long_clip(comfy, tmp_path_factory):
-    """A narrow Long-CLIP-L (transformers, 248 positions), written as a text encoder file in a registered
-    ``text_encoders`` folder and loaded by ``comfy.sd.load_clip`` (CLIP Loader's loader), which sizes
-    the model and tokenizer from the file's position table. Returns (library backend, ComfyUI CLIP)."""
+    """:func:`write_long_clip` in a registered ``text_encoders`` folder, loaded by ``comfy.sd.load_clip``
+    (CLIP Loader's loader), which sizes the model and tokenizer from the file's position table.
+    Returns (library backend, ComfyUI CLIP)."""
     import comfy.sd
     import folder_paths
 
     from training.clip_text import TransformersClipBackend, clip_tokenizer
 
-    torch.manual_seed(0)
-    config = CLIPTextConfig(vocab_size=49408, max_position_embeddings=POSITIONS, hidden_act="quick_gelu",
-                            bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, **WIDTHS)
-    model = CLIPTextModel(config).eval()
     folder = tmp_path_factory.mktemp("text_encoders")
     path = os.path.join(folder, FILE)
-    save_file(clip_ldm_state_dict(model), path)
+    model = write_long_clip(path)
     folder_paths.add_model_folder_path("text_encoders", str(folder))
     # layer count and widths: the tiny model's (a real Long-CLIP-L has CLIP-L's, which ComfyUI assumes)
     clip = comfy.sd.load_clip([path], clip_type=comfy.sd.CLIPType.STABLE_DIFFUSION,
