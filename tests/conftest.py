@@ -72,6 +72,38 @@ def tiny_sd15_checkpoint(comfy) -> str:
 
 
 @pytest.fixture(scope="session")
+def trainable_sd15_checkpoint(comfy) -> str:
+    """A tiny SD1.5 single file that ComfyUI's CheckpointLoaderSimple and the trainer both load, with its
+    component configs in ``<name>.config/`` beside it (built once per machine); :func:`install_checkpoint`
+    puts both into a models/checkpoints folder."""
+    from tiny_models import build_trainable_sd15_checkpoint
+
+    path = os.path.join(tiny_cache_dir(), "tiny_sd15_trainable_v1.safetensors")
+    if not os.path.isfile(path):
+        build_trainable_sd15_checkpoint(path)
+    return path
+
+
+def install_checkpoint(checkpoint: str, folder: str, name: str = "tiny_sd15_train.safetensors") -> str:
+    """Link ``checkpoint`` and its ``<name>.config/`` sidecar into ``folder`` as ``name``; returns the link."""
+    from training.graph_job import sidecar_config_dir
+
+    os.makedirs(folder, exist_ok=True)
+    link = os.path.join(folder, name)
+    if not os.path.lexists(link):
+        os.symlink(checkpoint, link)
+        os.symlink(sidecar_config_dir(checkpoint), sidecar_config_dir(link))
+    return link
+
+
+@pytest.fixture(scope="session")
+def server_train_checkpoint(comfy_server, trainable_sd15_checkpoint) -> str:
+    """:func:`trainable_sd15_checkpoint` in the comfy_server's models/checkpoints; returns its name there."""
+    link = install_checkpoint(trainable_sd15_checkpoint, comfy_server.model_folder("checkpoints"))
+    return os.path.basename(link)
+
+
+@pytest.fixture(scope="session")
 def tiny_sdxl_checkpoint(comfy) -> str:
     """The SDXL-format file ComfyUI detects as SDXL (~1.9 GB: the full text encoders), built once per machine."""
     from tiny_models import build_tiny_sdxl_checkpoint

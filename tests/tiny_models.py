@@ -6,6 +6,8 @@
   ComfyUI's stock ``CheckpointLoaderSimple`` detects as SD1.5: a one-level 320-channel diffusers
   ``UNet2DConditionModel`` mapped to LDM names with ComfyUI's own key map, the full ViT-L/14 text
   encoder (ComfyUI needs all its layers), and a TAESD-format VAE.
+* :func:`build_trainable_sd15_checkpoint`: a tiny SD1.5 single file both ComfyUI and the trainer
+  load (the same UNet and CLIP, a full-size KL-VAE), with its component configs beside it.
 * :func:`build_tiny_sdxl_checkpoint`: its SDXL twin (SPEC §9): a UNet with the structure ComfyUI's
   detection requires of SDXL (:data:`DETECTED_SDXL_UNET_CONFIG`, ~134 M parameters), the full-size
   CLIP-L and bigG text encoders (random, ~1.6 GB in fp16), and a TAESD-format VAE.
@@ -14,6 +16,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 
 import open_clip
 import torch
@@ -75,6 +79,51 @@ def build_tiny_sd15_checkpoint(path: str, seed: int = 0) -> str:
     sd.update({"cond_stage_model.transformer." + k: v for k, v in clip_ldm_state_dict(clip).items()})
     sd.update(_taesd_state_dict(seed))
     sd = {k: v.to(torch.float16).contiguous() for k, v in sd.items()}
+    tmp = path + ".tmp"
+    save_file(sd, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+SD15_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "training", "configs", "sd15")
+
+
+def _ldm_vae_state_dict(seed: int) -> dict[str, torch.Tensor]:
+    """A random diffusers ``AutoencoderKL`` of SD1.5's shipped VAE config (the only KL-VAE layout
+    ComfyUI's loader builds: 128 channels, [1, 2, 4, 4], 2 res blocks) under ``first_stage_model.*``
+    LDM names, converted with ComfyUI's own diffusers-to-LDM map."""
+    import comfy.diffusers_convert
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKL.from_config(AutoencoderKL.load_config(os.path.join(SD15_CONFIGS, "vae")))
+    ldm = comfy.diffusers_convert.convert_vae_state_dict(vae.state_dict())
+    return {"first_stage_model." + k: v for k, v in ldm.items()}
+
+
+def build_trainable_sd15_checkpoint(path: str, seed: int = 0) -> str:
+    """Write a tiny SD1.5 single file that both ComfyUI's ``CheckpointLoaderSimple`` (as SD1.5) and the
+    trainer load, with its component configs beside it, and return the file's path.
+
+    The file (LDM keys, fp16, ~450 MB): the one-level UNet of :func:`build_tiny_sd15_checkpoint`, the
+    full ViT-L/14 text encoder, and a full-size SD1.5 KL-VAE (random weights; ComfyUI builds no other
+    KL-VAE size). Beside it, ``<name>.config/`` holds the diffusers configs of what the file contains
+    (:data:`training.graph_job.CONFIG_SIDECAR`): SD1.5's shipped ones with this UNet's config, the
+    convention by which any single file with a non-standard UNet trains from the graph."""
+    from training.graph_job import sidecar_config_dir
+
+    sd = _ldm_unet_state_dict(tiny_unet(seed))
+    clip = tiny_clip_text_model(num_layers=12, seed=seed)
+    sd.update({"cond_stage_model.transformer." + k: v for k, v in clip_ldm_state_dict(clip).items()})
+    sd.update(_ldm_vae_state_dict(seed))
+    sd = {k: v.to(torch.float16).contiguous() for k, v in sd.items()}
+    configs = sidecar_config_dir(path)
+    tmp_configs = tempfile.mkdtemp(prefix=".configs.", dir=os.path.dirname(os.path.abspath(path)))
+    shutil.copytree(SD15_CONFIGS, tmp_configs, dirs_exist_ok=True)
+    with open(os.path.join(tmp_configs, "unet", "config.json"), "w", encoding="utf-8") as f:
+        json.dump({"_class_name": "UNet2DConditionModel", **TINY_UNET_CONFIG}, f, indent=1)
+    shutil.rmtree(configs, ignore_errors=True)
+    os.replace(tmp_configs, configs)
     tmp = path + ".tmp"
     save_file(sd, tmp)
     os.replace(tmp, path)

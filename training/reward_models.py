@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Literal, Sequence
 
@@ -51,6 +52,17 @@ def _builtin_tokenizer() -> CLIPTokenizer:
     return clip_tokenizer()
 
 
+@dataclass(frozen=True)
+class RewardSource:
+    """Where a preference model was loaded from: what another process needs to load it again (the
+    trainer's ``model.reward_model``, ``model.reward_kind``, ``model.reward_arch``)."""
+
+    path: str
+    kind: RewardKind
+    architecture: str | None
+    """open_clip architecture name or JSON config (hpsv2/clip single files); None for the other kinds."""
+
+
 class PreferenceModel:
     """A frozen CLIP preference model: tokenizer, image/text towers and CLIP preprocessing constants.
 
@@ -69,6 +81,8 @@ class PreferenceModel:
         self.tokenizer = tokenizer or _builtin_tokenizer()
         self.text_cache: dict[tuple[str, ...], torch.Tensor] = {}
         """Text features of fixed prompt sets (the reference direction), keyed by the prompts."""
+        self.source: RewardSource | None = None
+        """Set by :func:`load_reward_model`; None for a model built in memory."""
 
     @property
     def device(self) -> torch.device:
@@ -151,6 +165,11 @@ def load_reward_model(path: str, kind: RewardKind, device: str | torch.device = 
     else:
         model = _load_open_clip(path, kind, dtype, architecture)
     model.model.to(device)
+    if kind in OPEN_CLIP_KINDS and not os.path.isdir(path):  # a single file: its architecture is needed again
+        arch = os.path.abspath(architecture) if architecture.lower().endswith(".json") else architecture
+    else:
+        arch = None
+    model.source = RewardSource(os.path.abspath(path), kind, arch)
     return model
 
 
