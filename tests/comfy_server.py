@@ -1,4 +1,8 @@
-"""A real ComfyUI server on loopback with this pack in ``custom_nodes``, for integration tests."""
+"""A real ComfyUI server on loopback with this pack in ``custom_nodes``, for integration tests.
+
+Which front end it serves, and how, follow the test leg (``scripts/test.sh``): ``LONGALIGN_FRONT_END``
+names a front end's ``static`` folder (passed as ``--front-end-root``; unset: ComfyUI's installed
+package), and ``LONGALIGN_VUE_NODES=1`` turns on the front end's Vue node renderer ("Nodes 2.0")."""
 from __future__ import annotations
 
 import json
@@ -14,6 +18,19 @@ import uuid
 import numpy as np
 
 
+def front_end_root() -> str | None:
+    """The front end the servers serve (``LONGALIGN_FRONT_END``), or None for ComfyUI's default."""
+    path = os.environ.get("LONGALIGN_FRONT_END") or None
+    if path and not os.path.isfile(os.path.join(path, "index.html")):
+        raise RuntimeError(f"LONGALIGN_FRONT_END={path!r} is not a front end's static folder (no index.html)")
+    return path
+
+
+def vue_nodes() -> bool:
+    """Whether the servers' front end renders nodes with Vue (``LONGALIGN_VUE_NODES=1``)."""
+    return os.environ.get("LONGALIGN_VUE_NODES", "0") == "1"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -21,7 +38,8 @@ def free_port() -> int:
 
 
 class ComfyServer:
-    """Starts ``main.py --cpu`` with ``base_dir`` as ComfyUI's base directory; stop() always."""
+    """Starts ``main.py --cpu`` with ``base_dir`` as ComfyUI's base directory, serving this leg's front
+    end in this leg's renderer; stop() always."""
 
     def __init__(self, comfyui_dir: str, base_dir: str, log_path: str):
         self.comfyui_dir, self.base_dir, self.log_path = comfyui_dir, base_dir, log_path
@@ -34,6 +52,8 @@ class ComfyServer:
         cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
                "--base-directory", self.base_dir, "--database-url", "sqlite:///:memory:",
                "--disable-auto-launch"]
+        if front_end_root():
+            cmd += ["--front-end-root", front_end_root()]
         self.process = subprocess.Popen(cmd, cwd=self.comfyui_dir, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -41,9 +61,13 @@ class ComfyServer:
                 raise RuntimeError(f"ComfyUI exited with {self.process.returncode}:\n{self.log()[-4000:]}")
             try:
                 self.get("/object_info/KSampler")
-                return self
             except (urllib.error.URLError, ConnectionError, OSError):
                 time.sleep(0.5)
+                continue
+            status, _ = self.request("/settings/Comfy.VueNodes.Enabled", vue_nodes())
+            if status != 200:
+                raise RuntimeError(f"the server refused the setting Comfy.VueNodes.Enabled: HTTP {status}")
+            return self
         self.stop()
         raise RuntimeError(f"ComfyUI did not answer within {timeout}s:\n{self.log()[-4000:]}")
 

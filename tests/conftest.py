@@ -13,6 +13,7 @@ import pytest
 
 import network_guard
 from comfy_inprocess import REPO, comfy_clip_from_transformers, import_comfy, load_pack
+from comfy_matrix import pytest_collection_modifyitems, pytest_report_header  # noqa: F401  (the legs: scripts/test.sh)
 
 PACK_NAME = "ComfyUI-LongAlign"
 if REPO not in sys.path:

@@ -110,14 +110,15 @@ def test_short_rows_leave_comfyui_clip_as_it_was_even_on_error(pack, tiny_clip_p
     assert _position_modules(clip) == before
 
 
+@pytest.mark.comfyui
 def test_node_loads_the_clip_as_often_as_the_stock_node(node, tiny_clip_pair, monkeypatch):
-    import comfy.model_management
-
+    """Counted at the CLIP object's own ``load_model`` (patch and place the weights), which every
+    ComfyUI version's ``encode_from_tokens`` calls, whatever model-management function it uses."""
     _, clip = tiny_clip_pair
     node.encode(clip, LONG, "sentences", 240, "mean", True)  # the pad embedding: once per CLIP patch set
     loads = []
-    original = comfy.model_management.load_model_gpu
-    monkeypatch.setattr(comfy.model_management, "load_model_gpu", lambda m: loads.append(m) or original(m))
+    original = clip.load_model
+    monkeypatch.setattr(clip, "load_model", lambda *a, **k: loads.append(a) or original(*a, **k))
     stock_encode(clip, LONG)
     stock_loads = len(loads)
     loads.clear()
