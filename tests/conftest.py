@@ -86,22 +86,27 @@ def trainable_sd15_checkpoint(comfy) -> str:
 
 
 def install_checkpoint(checkpoint: str, folder: str, name: str = "tiny_sd15_train.safetensors") -> str:
-    """Link ``checkpoint`` and its ``<name>.config/`` sidecar into ``folder`` as ``name``; returns the link."""
+    """Put ``checkpoint`` (a hard link, else a copy: the pack's nodes refuse links leading out of the
+    models folders) and a copy of its ``<name>.config/`` sidecar into ``folder`` as ``name``; returns its path."""
+    import shutil
+
     from training.graph_job import sidecar_config_dir
 
     os.makedirs(folder, exist_ok=True)
-    link = os.path.join(folder, name)
-    if not os.path.lexists(link):
-        os.symlink(checkpoint, link)
-        os.symlink(sidecar_config_dir(checkpoint), sidecar_config_dir(link))
-    return link
+    path = os.path.join(folder, name)
+    if not os.path.lexists(path):
+        shutil.copytree(sidecar_config_dir(checkpoint), sidecar_config_dir(path))
+        try:
+            os.link(checkpoint, path)
+        except OSError:  # another file system
+            shutil.copyfile(checkpoint, path)
+    return path
 
 
 @pytest.fixture(scope="session")
 def server_train_checkpoint(comfy_server, trainable_sd15_checkpoint) -> str:
     """:func:`trainable_sd15_checkpoint` in the comfy_server's models/checkpoints; returns its name there."""
-    link = install_checkpoint(trainable_sd15_checkpoint, comfy_server.model_folder("checkpoints"))
-    return os.path.basename(link)
+    return os.path.basename(install_checkpoint(trainable_sd15_checkpoint, comfy_server.model_folder("checkpoints")))
 
 
 @pytest.fixture(scope="session")

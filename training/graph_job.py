@@ -77,6 +77,9 @@ METRICS_FILE = "metrics.jsonl"
 SAMPLES = "samples"
 VALIDATIONS_PER_RUN = 4
 """A run shows about this many validation grids (``run.validate_every`` = steps // 4, at least 1)."""
+WARMUP_SHARE = 10
+"""``warmup_steps`` None: the paper's warm-up, but at most a tenth of the run (the reference's 2000 warm-up
+steps belong to its long runs: a shorter run would never reach its learning rate)."""
 CHECKPOINT_SUFFIXES = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin")
 NAME_FORBIDDEN = set('/\\:*?"<>|')
 LOG_TAIL_LINES = 40
@@ -148,6 +151,7 @@ class JobRequest:
     sampling_steps: int = 0
     """reward, comat: DDIM steps of the differentiable sampling loop."""
     warmup_steps: int | None = None
+    """None: the paper's, at most steps // 10 (:data:`WARMUP_SHARE`)."""
     validate_every: int = 0
     """Validation grid every this many steps; 0: about :data:`VALIDATIONS_PER_RUN` per run (steps // 4, at least 1)."""
     seed: int = 0
@@ -461,8 +465,11 @@ def settings(req: JobRequest) -> dict[str, Any]:
     grad_steps = _stage_config(req.stage).sampling.grad_steps
     if module == "reward" and req.sampling_steps and req.sampling_steps < grad_steps:
         out["sampling.grad_steps"] = req.sampling_steps  # K gradient calls cannot outnumber the steps: all of them
+    paper_warmup = _stage_config(req.stage).optim.warmup_steps
     if req.warmup_steps is not None:
         out["optim.warmup_steps"] = req.warmup_steps
+    elif paper_warmup > steps // WARMUP_SHARE:
+        out["optim.warmup_steps"] = steps // WARMUP_SHARE
     out.update({
         "run.output_dir": os.path.abspath(req.run_dir), "run.max_steps": steps, "run.seed": req.seed,
         "run.log_every": 1, "run.validate_every": req.validate_every or max(1, steps // VALIDATIONS_PER_RUN),
@@ -674,7 +681,8 @@ def run_job(req: JobRequest, on_event: Callable[[Event], None], should_cancel: C
             poll_s: float = 0.2, cancel_grace_s: float = 900.0) -> JobResult:
     """Run ``req`` to its LoRA (see the module docstring). ``on_event`` gets every :class:`Progress`
     and :class:`Sample` in order; ``should_cancel`` is polled every ``poll_s`` seconds: on True the
-    child gets SIGTERM once, and after its checkpoint :class:`JobCancelled` is raised. A child still
+    child gets SIGTERM once, and after its checkpoint :class:`JobCancelled` is raised (unless that step was
+    the last: then the LoRA is published as for a finished run). A child still
     running ``cancel_grace_s`` after SIGTERM is killed (the last complete checkpoint stays). An
     exception from either callback cancels the same way, then propagates."""
     check_request(req)
@@ -736,7 +744,7 @@ def _run_locked(req: JobRequest, lock: RunLock, on_event, should_cancel, poll_s:
         _stop_group(proc)
         raise
     _stop_group(proc)
-    return _outcome(req, proc.returncode, cancelled_at is not None, tail, log_path, log_start, lora_before)
+    return _outcome(req, total, proc.returncode, cancelled_at is not None, tail, log_path, log_start, lora_before)
 
 
 def _terminate(proc: subprocess.Popen) -> float:
@@ -755,7 +763,7 @@ def _signature(path: str) -> tuple[int, int] | None:
     return st.st_ino, st.st_mtime_ns
 
 
-def _outcome(req: JobRequest, returncode: int, cancelled: bool, tail: _Tail, log_path: str,
+def _outcome(req: JobRequest, total: int, returncode: int, cancelled: bool, tail: _Tail, log_path: str,
              log_start: int, lora_before: tuple[int, int] | None) -> JobResult:
     from .run_state import latest_checkpoint
 
@@ -763,21 +771,22 @@ def _outcome(req: JobRequest, returncode: int, cancelled: bool, tail: _Tail, log
     lora = os.path.join(run_dir, LORA_FILE)
     last_step = tail.history[-1]["step"] if tail.history else 0
     written = _signature(lora)
-    finished = returncode == 0 and not cancelled and written is not None and written != lora_before
-    if returncode == 0 and not finished:
+    finished = returncode == 0 and written is not None and written != lora_before  # a cancel in the last step: done
+    killed = cancelled and returncode == -getattr(signal, "SIGKILL", 9)  # past cancel_grace_s
+    if (returncode == 0 and not finished) or killed:
         checkpoint = latest_checkpoint(run_dir)
-        why = "cancelled" if cancelled else "stopped by a signal"
+        why = ("cancelled; the trainer did not stop in time and was killed" if killed else
+               "cancelled" if cancelled else "stopped by a signal")
         where = (f"checkpoint {checkpoint}: queue it again with resume on to continue" if checkpoint else
                  "no checkpoint yet (stopped before its first step): queue it again to start over")
         raise JobCancelled(f"training {why} after step {last_step}; {where}", checkpoint, run_dir, last_step)
     if returncode != 0:
         text = log_tail(log_path, log_start)
         error = _error_line(text)
-        headline = (f"training failed: {error}" if error else
-                    f"training failed (exit status {returncode}{'; cancelled, then killed' if cancelled else ''})")
+        headline = f"training failed: {error}" if error else f"training failed (exit status {returncode})"
         raise JobFailed(f"{headline}\n--- last lines of {log_path} ---\n{text}", returncode, log_path)
     _publish(lora, req.lora_path, replace=req.resume or req.overwrite)
-    return JobResult(req.lora_path, run_dir, max(last_step, 0), tail.history, tail.sample_paths)
+    return JobResult(req.lora_path, run_dir, total, tail.history, tail.sample_paths)
 
 
 def _publish(source: str, destination: str, replace: bool) -> None:
