@@ -8,6 +8,7 @@ from .encode import LongAlignTextEncode
 from .reward import DecomposedRewardScore, RankByReward, RewardModelLoader
 from .interpolate import TextEmbeddingInterpolate
 from .longsd import LongSDLoader, T5AdapterLoader
+from .train import TrainLoRA
 
 
 def _deprecated_alias(cls: type, new_id: str) -> type:
@@ -26,6 +27,7 @@ NODE_CLASS_MAPPINGS = {
     "LongAlignLongSDLoader": LongSDLoader,
     "LongAlignT5AdapterLoader": T5AdapterLoader,
     "LongAlignTextEmbeddingInterpolate": TextEmbeddingInterpolate,
+    "LongAlignTrainLoRA": TrainLoRA,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -36,6 +38,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "LongAlignLongSDLoader": "LongSD Loader (long prompt LoRAs)",
     "LongAlignT5AdapterLoader": "T5 Adapter Loader (LongSD)",
     "LongAlignTextEmbeddingInterpolate": "Text Embedding Interpolate (LongAlign)",
+    "LongAlignTrainLoRA": "LongAlign Train LoRA",
 }
 
 SEARCH_ALIASES = {
@@ -46,6 +49,7 @@ SEARCH_ALIASES = {
     "LongAlignLongSDLoader": ["long prompt lora", "longsd lora"],
     "LongAlignT5AdapterLoader": ["t5 encoder", "text adapter", "long prompt t5"],
     "LongAlignTextEmbeddingInterpolate": ["interpolate prompts", "blend conditioning", "mix prompts"],
+    "LongAlignTrainLoRA": ["train lora", "lora training", "fine-tune", "reward training", "finetune"],
 }
 """More words the canvas search finds each node by: ComfyUI serves a node's ``SEARCH_ALIASES`` in
 ``/object_info`` (``search_aliases``; from 0.30) and the front end (1.58) searches them beside the id

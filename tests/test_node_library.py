@@ -10,7 +10,7 @@ import torch
 
 NODE_IDS = {
     "LongAlignTextEncode", "LongAlignRewardModelLoader", "LongAlignDecomposedRewardScore", "LongAlignRankByReward",
-    "LongAlignLongSDLoader", "LongAlignT5AdapterLoader", "LongAlignTextEmbeddingInterpolate",
+    "LongAlignLongSDLoader", "LongAlignT5AdapterLoader", "LongAlignTextEmbeddingInterpolate", "LongAlignTrainLoRA",
 }
 OLD_IDS = {"LongSDLoader": "LongAlignLongSDLoader", "T5AdapterLoader": "LongAlignT5AdapterLoader"}
 FUSE_THRESHOLD, FUSE_DISTANCE = 0.3, 100
@@ -49,7 +49,7 @@ def test_every_node_id_carries_the_pack_prefix_and_one_category_scheme(pack):
     current = {k for k, cls in pack.NODE_CLASS_MAPPINGS.items() if not getattr(cls, "DEPRECATED", False)}
     assert current == NODE_IDS
     categories = {pack.NODE_CLASS_MAPPINGS[k].CATEGORY for k in NODE_IDS}
-    assert categories == {"LongAlign/conditioning", "LongAlign/loaders", "LongAlign/reward"}
+    assert categories == {"LongAlign/conditioning", "LongAlign/loaders", "LongAlign/reward", "LongAlign/training"}
 
 
 @pytest.mark.parametrize("old, new", sorted(OLD_IDS.items()))

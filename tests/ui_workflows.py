@@ -14,6 +14,7 @@ UI_EXAMPLES = {
     "longsd_long_prompt.json": "LongSD: alignment + reward LoRAs, T5 adapter",
     "best_of_n_reward.json": "four images, ranked by the decomposed reward, best one saved",
     "stock_vs_longalign.json": "the same seed through CLIP Text Encode and LongAlign Text Encode",
+    "train_reward_lora.json": "a reward LoRA trained from a prompt list, then best of N before and after it",
 }
 TEMPLATE_FILES = {
     "long_prompt_sd15.json": "Long prompt (SD1.5).json",
@@ -21,6 +22,7 @@ TEMPLATE_FILES = {
     "longsd_long_prompt.json": "LongSD long prompt (LoRAs, T5).json",
     "best_of_n_reward.json": "Best of N by reward.json",
     "stock_vs_longalign.json": "Stock vs LongAlign encode.json",
+    "train_reward_lora.json": "Train a reward LoRA.json",
 }
 """Each example's key (its API twin's and screenshot's name) -> its file in ``example_workflows``, named
 as the template browser should title it: the front end (1.32 to 1.58) shows a custom node's template
