@@ -327,3 +327,54 @@ def test_a_loaded_reward_model_records_its_source(tmp_path):
     model = load_reward_model(files["safetensors"], "clip", architecture=files["config"])
     assert model.source == RewardSource(os.path.abspath(files["safetensors"]), "clip", os.path.abspath(files["config"]))
     assert load_reward_model(files["hub"], "hpsv2").source == RewardSource(files["hub"], "hpsv2", None)
+
+
+# -- the job's handling of a child that crashes or will not stop (stand-in children, seconds) -------------
+
+
+def _stand_in(monkeypatch, code: str) -> None:
+    """Run ``python -c code`` as the job's child instead of the trainer."""
+    import sys
+
+    from training import graph_job
+
+    monkeypatch.setattr(graph_job, "child_command", lambda req: [sys.executable, "-c", code])
+
+
+def test_a_crashing_child_raises_job_failed_with_its_traceback(trainable_sd15_checkpoint, reward_model, tmp_path,
+                                                               monkeypatch):
+    _stand_in(monkeypatch, "print('loading', flush=True)\nraise RuntimeError('out of memory in the UNet')")
+    req = request(trainable_sd15_checkpoint, (str(tmp_path / "runs"), str(tmp_path / "loras")), "crash",
+                  reward_model=reward_model)
+    with pytest.raises(JobFailed) as failed:
+        run_job(req, Recorder(), lambda: False, poll_s=0.05)
+    assert failed.value.returncode == 1
+    assert str(failed.value).startswith("training failed: RuntimeError: out of memory in the UNet\n--- last lines of ")
+    assert "loading\nTraceback (most recent call last):" in str(failed.value)
+    assert not os.path.exists(req.loras_dir) or not os.listdir(req.loras_dir)
+
+
+def test_a_child_that_ignores_the_cancel_is_killed_after_the_grace_period(trainable_sd15_checkpoint, reward_model,
+                                                                          tmp_path, monkeypatch):
+    _stand_in(monkeypatch, "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+                           "print('ignoring', 'SIGTERM', flush=True)\ntime.sleep(120)")
+    req = request(trainable_sd15_checkpoint, (str(tmp_path / "runs"), str(tmp_path / "loras")), "stuck",
+                  reward_model=reward_model)
+    def started() -> bool:  # cancel once the stand-in ignores SIGTERM
+        with open(os.path.join(req.run_dir, "train.log"), encoding="utf-8") as f:
+            return "ignoring SIGTERM" in f.read()
+
+    with pytest.raises(JobCancelled, match="did not stop in time and was killed") as stopped:
+        run_job(req, Recorder(), started, poll_s=0.05, cancel_grace_s=1.0)
+    assert stopped.value.checkpoint is None and stopped.value.step == 0
+    check_request(req)  # the lock went with the job
+
+
+def test_a_cancel_before_the_trainer_installs_its_handler_is_a_cancel(trainable_sd15_checkpoint, reward_model, tmp_path,
+                                                                     monkeypatch):
+    """SIGTERM while the child's interpreter still starts ends it at once: nothing was written, the job is cancelled."""
+    _stand_in(monkeypatch, "import time\ntime.sleep(120)")
+    req = request(trainable_sd15_checkpoint, (str(tmp_path / "runs"), str(tmp_path / "loras")), "early",
+                  reward_model=reward_model)
+    with pytest.raises(JobCancelled, match="training cancelled after step 0; no checkpoint yet"):
+        run_job(req, Recorder(), lambda: True, poll_s=0.05)

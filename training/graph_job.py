@@ -646,7 +646,7 @@ class _Tail:
                 self.sample_paths.append(path)
                 digits = "".join(c for c in name if c.isdigit())
                 events.append(Sample(path, int(digits) if digits else 0))
-        return events
+        return sorted(events, key=lambda e: (e.step, isinstance(e, Sample)))  # a step's grid after its row
 
 
 def log_tail(path: str, start: int = 0, lines: int = LOG_TAIL_LINES) -> str:
@@ -772,10 +772,11 @@ def _outcome(req: JobRequest, total: int, returncode: int, cancelled: bool, tail
     last_step = tail.history[-1]["step"] if tail.history else 0
     written = _signature(lora)
     finished = returncode == 0 and written is not None and written != lora_before  # a cancel in the last step: done
-    killed = cancelled and returncode == -getattr(signal, "SIGKILL", 9)  # past cancel_grace_s
-    if (returncode == 0 and not finished) or killed:
+    killed = returncode == -getattr(signal, "SIGKILL", 9)  # past cancel_grace_s
+    signalled = cancelled and (killed or returncode == -signal.SIGTERM)  # SIGTERM before its handler was installed
+    if (returncode == 0 and not finished) or signalled:
         checkpoint = latest_checkpoint(run_dir)
-        why = ("cancelled; the trainer did not stop in time and was killed" if killed else
+        why = ("cancelled; the trainer did not stop in time and was killed" if signalled and killed else
                "cancelled" if cancelled else "stopped by a signal")
         where = (f"checkpoint {checkpoint}: queue it again with resume on to continue" if checkpoint else
                  "no checkpoint yet (stopped before its first step): queue it again to start over")
