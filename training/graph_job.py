@@ -274,12 +274,17 @@ def _check_checkpoint(path: str) -> None:
 
 
 def _check_prompts(req: JobRequest) -> None:
-    if req.stage != "align" and not [p for p in req.prompts if p.strip()]:
-        raise JobInputError("prompts", f"no prompts; the {req.stage} stage trains from prompts: give one per line "
-                                       "(or a text file in the input folder)")
     for prompt in req.prompts:
         if not isinstance(prompt, str) or "\n" in prompt or "\r" in prompt:
             raise JobInputError("prompts", f"{str(prompt)[:60]!r}: each prompt must be one line of text")
+    if req.stage != "align" and not _prompts(req):
+        raise JobInputError("prompts", f"no prompts; the {req.stage} stage trains from prompts: give one per line "
+                                       "(or a text file in the input folder)")
+
+
+def _prompts(req: JobRequest) -> list[str]:
+    """The request's prompts, stripped, empty ones dropped."""
+    return [p.strip() for p in req.prompts if p.strip()]
 
 
 def _check_sources(req: JobRequest) -> None:
@@ -310,17 +315,14 @@ def _check_sources(req: JobRequest) -> None:
                                              "config.json, model.safetensors, tokenizer files)")
 
 
-def _prompts_digest(prompts: list[str]) -> str:
-    return hashlib.sha256("\n".join(p.strip() for p in prompts).encode("utf-8")).hexdigest()[:16]
-
-
 def _inputs(req: JobRequest) -> dict[str, Any]:
     """The request's inputs as recorded in the run folder (:data:`JOB_FILE`) and compared on resume."""
-    source = req.reward_model
+    source, prompts = req.reward_model, _prompts(req)
+    digest = hashlib.sha256("\n".join(prompts).encode("utf-8")).hexdigest()[:16]
     return {
         "checkpoint": os.path.abspath(req.checkpoint), "stage": req.stage,
-        "prompts": f"{len(req.prompts)} prompts, sha256 {_prompts_digest(req.prompts)}",
-        "image_folder": os.path.abspath(req.image_folder) if req.image_folder else None,
+        "prompts": f"{len(prompts)} prompts, sha256 {digest}" if req.stage != "align" else None,  # align: validation only
+        "image_folder": os.path.abspath(req.image_folder) if req.image_folder and req.stage == "align" else None,
         "reward_model": ([os.path.abspath(source.path), source.kind, source.architecture]
                          if source is not None and req.stage == "reward" else None),
         "captioner": os.path.abspath(req.captioner) if req.captioner and req.stage == "comat" else None,
@@ -426,7 +428,7 @@ def default_steps(req: JobRequest) -> int:
 
         count = len(read_records(req.image_folder, need_images=True))
     else:
-        count = len([p for p in req.prompts if p.strip()])
+        count = len(_prompts(req))
     batches = math.ceil(count / (req.batch_size or cfg.data.batch_size))
     return cfg.run.epochs * max(1, math.ceil(batches / cfg.run.grad_accum))
 
@@ -451,9 +453,8 @@ def settings(req: JobRequest) -> dict[str, Any]:
         out["comat.captioner"] = os.path.abspath(req.captioner)
     if req.stage == "align":
         out["data.path"] = os.path.abspath(req.image_folder)
-        prompts = [p.strip() for p in req.prompts if p.strip()]
-        if prompts:
-            out["run.validation_prompts"] = prompts[:4]
+        if _prompts(req):
+            out["run.validation_prompts"] = _prompts(req)[:4]
     else:
         out["data.path"] = os.path.join(os.path.abspath(req.run_dir), PROMPTS_FILE)
     if req.rank:
@@ -702,7 +703,7 @@ def _run_locked(req: JobRequest, lock: RunLock, on_event, should_cancel, poll_s:
     total = values["run.max_steps"]
     if req.stage != "align":
         with atomic_open(os.path.join(run_dir, PROMPTS_FILE)) as f:
-            f.write("".join(p.strip() + "\n" for p in req.prompts if p.strip()))
+            f.write("".join(p + "\n" for p in _prompts(req)))
     with atomic_open(os.path.join(run_dir, JOB_FILE)) as f:
         json.dump({"written_by": "LongAlign Train LoRA", "inputs": _inputs(req), "config": CONFIG_FILE}, f, indent=1)
     write_config(os.path.join(run_dir, CONFIG_FILE), values)
