@@ -108,7 +108,7 @@ def test_comfyignore_keeps_tests_benchmarks_screenshots_and_scripts_out(tmp_path
     out = ["tests/test_server.py", "bench/reward.py", "docs/screenshots/best_of_n_scores.png", "scripts/demo.py",
            "tests/workflows.py"]
     kept = ["__init__.py", "nodes/encode.py", "training/encode.py", "web/js/longalign.js", "web/icon.svg",
-            "example_workflows/long_prompt_sd15.json", "example_workflows/long_prompt_sd15.jpg",
+            "example_workflows/Long prompt (SD1.5).json", "example_workflows/Long prompt (SD1.5).jpg",
             "example_workflows_api/long_prompt_sd15_api.json", "README.md", "LICENSE", "pyproject.toml",
             "requirements.txt", "training/configs/examples/align.yaml"]
     archived = _archived(out + kept, tmp_path)
