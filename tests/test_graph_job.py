@@ -145,6 +145,21 @@ def test_cancel_checkpoints_and_resume_ends_on_the_uninterrupted_lora(straight, 
         torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=1e-4, msg=k)
 
 
+def test_a_comat_job_trains_the_attention_lora_with_a_blip_captioner(trainable_sd15_checkpoint, jobs, tmp_path):
+    from test_comat import make_tiny_blip
+
+    make_tiny_blip(str(tmp_path / "blip"))
+    req = request(trainable_sd15_checkpoint, jobs, "comat", stage="comat", captioner=str(tmp_path / "blip"), steps=1,
+                  validate_every=1)
+    recorder = Recorder()
+    result = run_job(req, recorder, recorder.should_cancel, poll_s=0.05)
+    progress = [e for e in recorder.events if isinstance(e, Progress)]
+    assert [p.step for p in progress] == [1] and {"loss", "concept", "g_adv", "token"} <= progress[0].scalars.keys()
+    assert [e.step for e in recorder.events if isinstance(e, Sample)] == [1]
+    lora = load_tensors(result.lora_path)
+    assert lora and all("_attn" in k and "_to_" in k for k in lora)  # CoMat's LoRA: to_q/k/v/out of every attention
+
+
 def test_a_failing_trainer_raises_job_failed_with_its_error_and_the_log_tail(trainable_sd15_checkpoint, reward_model,
                                                                               jobs, tmp_path):
     """A checkpoint whose sidecar configs do not match its weights: the trainer refuses it and exits 2."""
