@@ -8,13 +8,21 @@
 call's median time, eager and compiled as the fast mode's shadow UNet runs it
 (``torch.compile(dynamic=False)``, channels-last memory format); ``P``: the rate of a large bf16 matrix product (8192^3)
 measured in the same run. Target: at least 45 % for the compiled call. CUDA only.
+
+The trainer prepares its UNet with accelerate, so the fast mode's shadow copy (a deep copy of the
+prepared UNet) runs its forward under bf16 autocast (GroupNorm and its SiLU in fp32): the third row
+times the compiled call that way (:func:`.train._prepared`).
 """
 from __future__ import annotations
+
+import copy
+import sys
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from .common import Result, median_time
+from .train import _prepared
 
 BATCH, LATENT, CONTEXT = 16, 64, 480
 
@@ -52,15 +60,21 @@ def run(quick: bool) -> list[Result]:
         unet(x, t, context)
     flops = counter.get_total_flops()
     results = []
-    with torch.no_grad():
-        eager = median_time(lambda: unet(x, t, context), repeats=20, warmup=3)
-        shadow = unet.to(memory_format=torch.channels_last)  # as MergedShadowUNet runs it compiled
-        compiled, x_cl = torch.compile(shadow, dynamic=False), x.contiguous(memory_format=torch.channels_last)
-        fast = median_time(lambda: compiled(x_cl, t, context), repeats=20, warmup=3)
-    for label, seconds, asserted in (("eager", eager, False), ("compiled, channels-last", fast, True)):
+
+    def row(label: str, seconds: float, asserted: bool) -> None:
         rate = flops / seconds
         results.append(Result(f"{name}, {label}", rate / 1e12, peak / 1e12, "TF",
                               ">= 0.45" if asserted else "report", rate / peak >= 0.45 if asserted else None,
                               note=f"{seconds * 1e3:.1f} ms per call, {flops / 1e12:.2f} TFLOP; baseline = "
                                    "8192^3 bf16 matmul in the same run"))
+        print(f"[bench] MFU {label}: {seconds * 1e3:.1f} ms, {rate / peak:.1%}", file=sys.stderr, flush=True)
+
+    with torch.no_grad():
+        row("eager", median_time(lambda: unet(x, t, context), repeats=20, warmup=3), False)
+        shadow = unet.to(memory_format=torch.channels_last)  # as MergedShadowUNet runs it compiled
+        compiled, x_cl = torch.compile(shadow, dynamic=False), x.contiguous(memory_format=torch.channels_last)
+        row("compiled, channels-last", median_time(lambda: compiled(x_cl, t, context), repeats=20, warmup=3), True)
+        prepared = torch.compile(_prepared(copy.deepcopy(shadow), device), dynamic=False)
+        row("compiled, channels-last, autocast (trainer)",
+            median_time(lambda: prepared(x_cl, t, context), repeats=20, warmup=3), False)
     return results

@@ -1,20 +1,21 @@
-"""One ``reward`` training step: the fast mode vs ``--mode reference``, measured in one run (issue 11).
+"""One ``reward`` training step: the fast mode vs ``--mode reference``, measured in one run (issues 11, 20).
 
 Both sides are our trainer's own objective, denoiser and optimizer, set up the way ``training.stages``
-sets them up; ``reference`` runs the way the reference code runs (LoRA unmerged with dropout 0.1 on
-all calls, one activation checkpoint around the whole UNet at the K gradient calls, the batch's
-images VAE-encoded every step, decode with gradient and no checkpoint, plain AdamW); ``fast`` is the
-default mode (merged-weight shadow UNet for the no-grad calls, per-block checkpointing, chunked
-decode back-propagated into ``x0``, fused AdamW on CUDA, ``torch.compile`` of the UNet calls on
-CUDA, the no-grad shadow in channels-last). Same seeds, same prompts, same number of steps. Each side is built, measured (median step
-time after warm-up; peak CUDA memory, reset before its step) and freed before the other.
+sets them up, with the UNet prepared the way the trainer's accelerate prepares it (bf16 autocast
+inside the UNet's forward only, :func:`_prepared`); ``reference`` runs the way the reference code
+runs (LoRA unmerged with dropout 0.1 on all calls, one activation checkpoint around the whole UNet
+at the K gradient calls, the batch's images VAE-encoded every step, the whole batch decoded with
+gradient in bf16 without autocast, plain AdamW); ``fast`` is the default mode (merged-weight shadow
+UNet for the no-grad calls, per-block checkpointing, chunked decode back-propagated into ``x0``,
+fused AdamW on CUDA, ``torch.compile`` of the UNet calls on CUDA, the no-grad shadow in
+channels-last). Same seeds, same prompts, same number of steps. Each side is built, measured (one
+warm-up step, then the median step time and the peak CUDA memory over the same steps) and freed
+before the other.
 
 ``--quick``: the tiny preset on the CPU (timings reported, not asserted). Full: SD1.5 shapes from the
 shipped configs with random weights, ct5f context (T5-large + TextAdapter, 480 tokens), a
 ViT-H-14-size reward model, 512x512, batch 8, bf16, 50 DDIM steps, K = 5, CFG 7.5 (CUDA only).
-SDXL rows (issue #17): the same step on the tiny SDXL (``--quick``) or SDXL shapes from
-``training/configs/sdxl`` (CLIP-L + bigG, 240-row context with the pooled row, time ids at 512 px,
-batch 1), and the peak memory of the 24 GiB example configs' setting against 24 GiB (CUDA only).
+The SDXL rows are :mod:`.sdxl`'s.
 """
 from __future__ import annotations
 
@@ -22,7 +23,6 @@ import gc
 import json
 import os
 import sys
-from functools import partial
 
 import torch
 
@@ -102,10 +102,24 @@ def _compile(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
+def _prepared(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """``module`` as the trainer's ``accelerator.prepare`` leaves it (one process): on CUDA its forward
+    runs under bf16 autocast and returns fp32 outputs (accelerate's mixed precision). The reference
+    scripts prepare the UNet (and, in align, the TextAdapter) the same way, so in both only those
+    forwards run under autocast: the text encoders, the VAE and the reward model run in bf16 without
+    it (under autocast the VAE decoder's GroupNorms and SiLUs keep fp32 activations)."""
+    if device.type != "cuda":
+        return module
+    from accelerate import Accelerator
+
+    return Accelerator(mixed_precision="bf16").prepare_model(module, device_placement=False)
+
+
 def _trainable(full: bool, device: torch.device, family: str = "sd15"):
     """Frozen components in the weight dtype with a rank-32 (tiny: 4) LoRA, dropout 0.1 as the
-    reference trains, and the family's conditioner (SD1.5: ct5f; SDXL: CLIP-L + bigG with the pooled
-    row): ``(components, lora params, conditioner, dtype)``."""
+    reference trains, the UNet prepared as the trainer prepares it (:func:`_prepared`), and the
+    family's conditioner (SD1.5: ct5f; SDXL: CLIP-L + bigG with the pooled row):
+    ``(components, lora params, conditioner, dtype)``."""
     from training.lora import add_lora
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -115,21 +129,22 @@ def _trainable(full: bool, device: torch.device, family: str = "sd15"):
     params = add_lora(c.unet, 32 if full else 4, 32.0 if full else 4.0, dropout=0.1)
     for p in params:
         p.data = p.data.float()
+    c.unet = _prepared(c.unet, device)
     t5 = _t5_branch(full, device, dtype) if family == "sd15" else None  # the T5 branch is SD1.5-only
     return c, params, c.conditioner(240 if full else 77, t5), dtype
 
 
 def _optimizer_step(objective, data: dict, params: list, fast: bool, device: torch.device):
-    """One training step as the trainer runs it: loss under autocast (CUDA), backward, clip 0.3,
-    AdamW (fused in fast mode on CUDA); a fresh seeded generator per step."""
+    """One training step as the trainer runs it: loss (autocast only inside the prepared modules'
+    forwards, :func:`_prepared`), backward, clip 0.3, AdamW (fused in fast mode on CUDA); a fresh
+    seeded generator per step."""
     cuda = device.type == "cuda"
     optimizer = torch.optim.AdamW(params, lr=3e-5, weight_decay=1e-2, **({"fused": True} if fast and cuda else {}))
     counter = iter(range(10**6))
 
     def step() -> None:
         generator = torch.Generator(device=device).manual_seed(next(counter))
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-            loss, _ = objective.loss(data, generator)
+        loss, _ = objective.loss(data, generator)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 0.3)
         optimizer.step()
@@ -141,10 +156,12 @@ def _optimizer_step(objective, data: dict, params: list, fast: bool, device: tor
 DECODE_CHUNK = SamplingConfig().decode_chunk
 
 
-def _reward_step(mode: str, full: bool, device: torch.device, checkpoint_calls: bool = False, family: str = "sd15"):
+def _reward_step(mode: str, full: bool, device: torch.device, checkpoint_calls: bool = False, family: str = "sd15",
+                 resolution: int | None = None):
     """A closure running one optimizer step of the reward stage in ``mode``, and the batch size
     (``checkpoint_calls``: the fast mode's ``sampling.checkpoint_calls`` setting). Full size: SD1.5 at
-    batch 8; SDXL at batch 1, the 24 GiB example configs' setting."""
+    512 px, batch 8; SDXL at ``resolution`` (512 px unless given), batch 1, the 24 GiB example
+    configs' setting."""
     from training.denoisers import CheckpointedUNet, MergedShadowUNet
     from training.objectives.reward import RewardObjective
 
@@ -152,7 +169,7 @@ def _reward_step(mode: str, full: bool, device: torch.device, checkpoint_calls: 
     fast = mode == "fast"
     denoiser = (MergedShadowUNet(c.unet, compile=_compile(device), checkpoint_calls=checkpoint_calls) if fast
                 else CheckpointedUNet(c.unet, "unet"))
-    resolution, batch = ((512, 8 if family == "sd15" else 1) if full else (64, 2))
+    resolution, batch = ((resolution or 512, 8 if family == "sd15" else 1) if full else (resolution or 64, 2))
     steps, K = (50, 5) if full else (6, 2)
     objective = RewardObjective(denoiser, c.vae, c.scheduler, conditioner, _reward_model(full, device, dtype),
                                 (4, resolution // 8, resolution // 8), steps, 7.5, K, 0.3, None, dtype,
@@ -161,13 +178,17 @@ def _reward_step(mode: str, full: bool, device: torch.device, checkpoint_calls: 
 
 
 def _align_step(mode: str, full: bool, device: torch.device, low_memory: bool = False):
-    """One optimizer step of ``align``: fast = cached frozen encoders (warm: a later epoch), fused
+    """One optimizer step of ``align``, the TextAdapter trained beside the LoRA (fp32, prepared) as the
+    trainer and the reference train it: fast = cached frozen encoders (warm: a later epoch), fused
     AdamW on CUDA; reference = VAE and text encoders every step, plain AdamW. ``low_memory``: the
     fast mode with diffusers' gradient checkpointing."""
     from training.feature_cache import FeatureCache
     from training.objectives.align import AlignObjective
 
     c, params, conditioner, dtype = _trainable(full, device)
+    adapter = conditioner.t5.adapter.float().requires_grad_(True)  # align trains it beside the LoRA (trainer)
+    conditioner.t5.adapter = _prepared(adapter, device)
+    params = params + list(adapter.parameters())
     if low_memory:
         c.unet.enable_gradient_checkpointing()
     fast = mode == "fast"
@@ -183,20 +204,21 @@ def _align_step(mode: str, full: bool, device: torch.device, low_memory: bool = 
 
 def _measure(mode: str, full: bool, device: torch.device, repeats: int, build=None,
              label: str = "reward step") -> tuple[float, float | None]:
-    """(seconds per sample, peak CUDA GiB or None) of ``build(mode, full, device)``'s step (printed
-    with ``label`` as soon as measured)."""
+    """(seconds per sample, peak CUDA GiB or None) of ``build(mode, full, device)``'s step: one
+    warm-up step (it compiles in fast mode), then the median of ``repeats`` steps, the peak taken
+    over those same steps (printed with ``label`` as soon as measured)."""
     step, batch = (build or _reward_step)(mode, full, device)
-    peak = None
-    if device.type == "cuda":
-        step()  # warm-up (compiles in fast mode)
+    cuda = device.type == "cuda"
+    step()
+    if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-        step()
-        peak = torch.cuda.max_memory_allocated() / 2**30
-    seconds = median_time(step, repeats=repeats, warmup=0 if device.type == "cuda" else 1)
+    seconds = median_time(step, repeats=repeats, warmup=0)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
     del step
     gc.collect()
-    if device.type == "cuda":
+    if cuda:
+        torch._dynamo.reset()  # compiled graphs hold their module's weights
         torch.cuda.empty_cache()
     memory = "" if peak is None else f", peak {peak:.2f} GiB"
     print(f"[bench] {label}, {mode}: {seconds / batch:.4g} s/sample{memory}", file=sys.stderr, flush=True)
@@ -207,58 +229,74 @@ def _device(quick: bool) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() and not quick else "cpu")
 
 
+REFERENCE_SD15 = (6.9 / 8, 30.3)
+"""The reference's own reward step (SPEC §8: its loop and LoRA code on one H100, bf16, SD1.5 shapes,
+batch 8, ct5f 480, K = 5): seconds per sample and peak GiB. ``--mode reference`` must land within
+10 % of both on the same card class."""
+
+
+def _decode_row(device: torch.device) -> Result:
+    """Peak memory beyond the weights of one batch-8 SD1.5 VAE decode with gradient and its backward
+    (512 px, bf16 weights): under autocast (how this bench ran the whole loss until issue 20, which
+    made its ``--mode reference`` hold 44.4 GiB against the reference's 30.3) vs plain bf16 (the
+    trainer and the reference: autocast only inside the UNet). CUDA only."""
+    from diffusers import AutoencoderKL
+
+    from training.families import family_named
+
+    torch.manual_seed(0)
+    with device:
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(family_named("sd15").configs, subfolder="vae"))
+    vae = vae.to(torch.bfloat16).eval().requires_grad_(False)
+
+    def peak(autocast: bool) -> float:
+        z = torch.randn(8, 4, 64, 64, device=device, dtype=torch.bfloat16, requires_grad=True)
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            image = vae.decode(z).sample
+        image.float().mean().backward()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**30
+
+    under, plain = peak(True), peak(False)
+    del vae
+    gc.collect()
+    torch.cuda.empty_cache()
+    return Result("VAE decode + backward b8 512px, peak beyond weights: autocast vs bf16", under, plain, "G",
+                  "report", None, note="the bench ran the whole reward loss under autocast before issue 20")
+
+
 def run(quick: bool) -> list[Result]:
+    """SD1.5 reward step: fast vs ``--mode reference`` (and, on a GPU, ``sampling.checkpoint_calls``)."""
     device = _device(quick)
     cuda = device.type == "cuda"
-    repeats = 2 if quick else 3
+    repeats = 2
     ref_time, ref_mem = _measure("reference", not quick, device, repeats)
-    fast_time, fast_mem = _measure("fast", not quick, device, repeats)
+    fast_time, fast_mem = _measure("fast", not quick, device, 3 if cuda else repeats)
     where = "SD1.5 shapes, bf16, 512px, batch 8, ct5f 480" if not quick else "tiny preset, CPU, batch 2, 6 steps, K 2"
     results = [Result(f"reward step s/sample ({where})", fast_time, ref_time, "s", "<= 0.5x",
                       (fast_time / ref_time <= 0.5) if cuda else None,
                       note=f"samples/s {1 / fast_time:.3g} vs {1 / ref_time:.3g}: speed-up {ref_time / fast_time:.2f}x")]
-    if cuda:
-        results.append(Result("reward step peak GPU memory", fast_mem, ref_mem, "G", "<= 0.5x",
-                              fast_mem / ref_mem <= 0.5))
-        low_time, low_mem = _measure("fast", True, device, repeats,
-                                     lambda m, f, d: _reward_step(m, f, d, checkpoint_calls=True),
-                                     "reward step, sampling.checkpoint_calls")
-        results.append(Result("reward step peak memory, sampling.checkpoint_calls", low_mem, ref_mem, "G", "<= 0.5x",
-                              low_mem / ref_mem <= 0.5, note=f"speed-up {ref_time / low_time:.2f}x"))
-    else:
-        results.append(Result("reward step peak GPU memory", float("nan"), float("nan"), "G", "<= 0.5x", None,
-                              note="not measured: no GPU in this run"))
-    return results + _sdxl_rows(quick, device, repeats)
-
-
-SDXL_CARD_GIB = 24.0
-"""The card the SDXL 24 GiB example configs target (issue #17)."""
-
-
-def _sdxl_rows(quick: bool, device: torch.device, repeats: int) -> list[Result]:
-    """SDXL reward step, fast vs reference (tiny SDXL on the CPU with ``--quick``; SDXL shapes from
-    ``training/configs/sdxl``, 512 px, batch 1, bf16 on a GPU), and on a GPU the peak memory of the
-    24 GiB example configs' setting (fast, ``sampling.checkpoint_calls``) against 24 GiB. The speed and
-    fast-vs-reference memory rows are reported, not asserted (no SDXL target has been measured yet)."""
-    cuda = device.type == "cuda"
-    step = partial(_reward_step, family="sdxl")
-    ref_time, ref_mem = _measure("reference", not quick, device, repeats, step, "SDXL reward step")
-    fast_time, fast_mem = _measure("fast", not quick, device, repeats, step, "SDXL reward step")
-    where = "SDXL shapes, bf16, 512px, batch 1, ctx 240" if not quick else "tiny SDXL, CPU, batch 2, 6 steps, K 2"
-    results = [Result(f"SDXL reward step s/sample ({where})", fast_time, ref_time, "s", "report", None,
-                      note=f"samples/s {1 / fast_time:.3g} vs {1 / ref_time:.3g}: speed-up {ref_time / fast_time:.2f}x")]
     if not cuda:
-        return results + [Result("SDXL reward step peak GPU memory", float("nan"), float("nan"), "G", "report", None,
+        return results + [Result("reward step peak GPU memory", float("nan"), float("nan"), "G", "<= 0.5x", None,
                                  note="not measured: no GPU in this run")]
-    low_time, low_mem = _measure("fast", True, device, repeats,
-                                 partial(_reward_step, checkpoint_calls=True, family="sdxl"),
-                                 "SDXL reward step, 24 GiB setting")
-    return results + [
-        Result("SDXL reward step peak GPU memory", fast_mem, ref_mem, "G", "report", None),
-        Result("SDXL reward step peak memory, 24 GiB setting", low_mem, SDXL_CARD_GIB, "G", "<= 24 GiB",
-               low_mem <= SDXL_CARD_GIB, note=f"fast, sampling.checkpoint_calls, batch 1; "
-                                              f"speed-up {ref_time / low_time:.2f}x over reference"),
+    ref_s, ref_gib = REFERENCE_SD15
+    results += [
+        Result("reward step peak GPU memory", fast_mem, ref_mem, "G", "<= 0.5x", fast_mem / ref_mem <= 0.5),
+        Result("--mode reference vs the reference's own step (SPEC 8, H100), s/sample", ref_time, ref_s, "s",
+               "0.9-1.1x", abs(ref_time / ref_s - 1) <= 0.1, note=f"{ref_time * 8:.2f} vs 6.9 s per step"),
+        Result("--mode reference vs the reference's own step (SPEC 8, H100), peak", ref_mem, ref_gib, "G",
+               "0.9-1.1x", abs(ref_mem / ref_gib - 1) <= 0.1),
+        _decode_row(device),
     ]
+    low_time, low_mem = _measure("fast", True, device, 3,
+                                 lambda m, f, d: _reward_step(m, f, d, checkpoint_calls=True),
+                                 "reward step, sampling.checkpoint_calls")
+    results.append(Result("reward step peak memory, sampling.checkpoint_calls", low_mem, ref_mem, "G", "<= 0.5x",
+                          low_mem / ref_mem <= 0.5, note=f"speed-up {ref_time / low_time:.2f}x"))
+    return results
 
 
 if __name__ == "__main__":
