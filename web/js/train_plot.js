@@ -1,7 +1,8 @@
 // ComfyUI-LongAlign front end: the live loss / reward plot on LongAlign Train LoRA. The server sends
-// one "longalign.train" message per logged step (and one when the job ends); after the run the
-// node's output carries the whole history, so the plot stays when the page is reloaded. The latest
+// one "longalign.train" message per logged step (and one when the job ends) to the tab that queued the
+// prompt; the node's output then carries the run's whole history, drawn again when it arrives. The latest
 // validation image is ComfyUI's own progress preview while the job runs, the node's output image after.
+// When the LoRA is written, the model lists are refreshed (as the R key does), so Load LoRA offers it.
 import { app } from "../../../scripts/app.js";
 import { api } from "../../../scripts/api.js";
 
@@ -147,6 +148,7 @@ function setupPlot(node) {
       if (detail.status) {
         state.status = detail.status;
         state.message = detail.message ?? "";
+        if (detail.status === "done") app.refreshComboInNodes?.(); // the new LoRA in every Load LoRA list, as R does
       }
       render();
     },
@@ -166,11 +168,8 @@ function setupPlot(node) {
     }
     render();
   };
-  const onResize = node.onResize;
-  node.onResize = function (...args) {
-    requestAnimationFrame(render); // the canvas follows the node's width
-    return onResize?.apply(this, args);
-  };
+  // the canvas follows its own width: the node resized, or the panel attached to the page later (Vue nodes)
+  new ResizeObserver(() => draw(canvas, state)).observe(canvas);
   render();
   if (node.size[1] < node.computeSize()[1]) node.setSize([node.size[0], node.computeSize()[1]]);
   requestAnimationFrame(render);
