@@ -393,3 +393,38 @@ def test_a_cancel_before_the_trainer_installs_its_handler_is_a_cancel(trainable_
                   reward_model=reward_model)
     with pytest.raises(JobCancelled, match="training cancelled after step 0; no checkpoint yet"):
         run_job(req, Recorder(), lambda: True, poll_s=0.05)
+
+
+def _writes_lora(req: JobRequest, also: str = "") -> str:
+    """Stand-in code: ignore SIGTERM, write the run's LoRA (and ``also``, a path given the bytes b"user"), exit 0."""
+    lora = os.path.join(req.run_dir, LORA_FILE)
+    extra = f"open({also!r}, 'wb').write(b'user')\n" if also else ""
+    return ("import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nprint('handler', 'set', flush=True)\n"
+            "import torch\nfrom safetensors.torch import save_file\ntime.sleep(0.5)\n"
+            f"save_file({{'lora_unet_x.lora_up.weight': torch.ones(2, 2)}}, {lora!r})\n{extra}")
+
+
+def test_a_cancel_in_the_last_step_still_publishes_the_finished_lora(trainable_sd15_checkpoint, reward_model, tmp_path,
+                                                                      monkeypatch):
+    req = request(trainable_sd15_checkpoint, (str(tmp_path / "runs"), str(tmp_path / "loras")), "last",
+                  reward_model=reward_model)
+    _stand_in(monkeypatch, _writes_lora(req))
+    def started() -> bool:  # cancel once the stand-in has its handler, as the trainer once it trains
+        with open(os.path.join(req.run_dir, "train.log"), encoding="utf-8") as f:
+            return "handler set" in f.read()
+
+    result = run_job(req, Recorder(), started, poll_s=0.05)  # the cancel comes in the last step: it finishes
+    assert torch.equal(load_tensors(result.lora_path)["lora_unet_x.lora_up.weight"], torch.ones(2, 2))
+
+
+def test_a_lora_file_that_appears_while_the_job_runs_is_left_alone(trainable_sd15_checkpoint, reward_model, tmp_path,
+                                                                   monkeypatch):
+    req = request(trainable_sd15_checkpoint, (str(tmp_path / "runs"), str(tmp_path / "loras")), "raced",
+                  reward_model=reward_model)
+    os.makedirs(req.loras_dir)
+    _stand_in(monkeypatch, _writes_lora(req, also=req.lora_path))
+    with pytest.raises(JobFailed, match="appeared while the job ran and is left alone"):
+        run_job(req, Recorder(), lambda: False, poll_s=0.05)
+    with open(req.lora_path, "rb") as f:
+        assert f.read() == b"user"
+    assert os.listdir(req.loras_dir) == [os.path.basename(req.lora_path)]  # no staging copy left behind
