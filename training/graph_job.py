@@ -11,7 +11,8 @@ with the pack's folder as working directory, in its own process session, its out
 ``samples/`` and hands each row and each new validation grid to the node (:class:`Progress`,
 :class:`Sample`). Cancel sends SIGTERM once: the trainer finishes its optimizer step, writes a
 checkpoint and exits (:mod:`.interrupts`); the job raises :class:`JobCancelled` naming it, and the same
-request with ``resume`` continues the run. When the child ends well, its LoRA is copied atomically to
+request with ``resume`` continues the run. Checkpoints are also written at the stage's own interval
+(``run.save_every``) and at the end. When the child ends well, its LoRA is copied atomically to
 ``loras_dir/<name>.safetensors``, never over an existing file unless ``resume`` or ``overwrite`` asks.
 
 A lock in the run folder (``flock``, held by the job and inherited by the child) refuses a second
@@ -80,7 +81,8 @@ VALIDATIONS_PER_RUN = 4
 WARMUP_SHARE = 10
 """``warmup_steps`` None: the paper's warm-up, but at most a tenth of the run (the reference's 2000 warm-up
 steps belong to its long runs: a shorter run would never reach its learning rate)."""
-CHECKPOINT_SUFFIXES = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin")
+CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+"""The single files the trainer reads (:func:`.models.model_family`)."""
 NAME_FORBIDDEN = set('/\\:*?"<>|')
 LOG_TAIL_LINES = 40
 RESUME_INPUTS = ("checkpoint", "stage", "prompts", "image_folder", "reward_model", "captioner", "rank", "lr",
