@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import os
 
 from ..training.graph_job import (
@@ -69,9 +70,9 @@ class InputError(ValueError):
 
 
 def _refused(e: JobInputError) -> InputError:
-    name = INPUT_NAMES.get(e.input, e.input)
-    message = str(e)[len(e.input) + 2:] if str(e).startswith(f"{e.input}: ") else str(e)
-    return InputError(f"{NODE}: {name}: {message}")
+    """The job's refusal, worded with the node's input name."""
+    message = str(e).removeprefix(f"{e.input}: ")
+    return InputError(f"{NODE}: {INPUT_NAMES.get(e.input, e.input)}: {message}")
 
 
 def _resolve(value: str, field: str, folders: list[str], expected: str) -> str:
@@ -122,10 +123,9 @@ def build_request(ckpt_name: str, stage: str, prompts: str, steps: int, rank: in
         if image_folder.strip() else None,
         captioner=_resolve(captioner.strip(), "captioner", folder_paths.get_folder_paths(CAPTIONERS),
                            "a BLIP captioner folder in models/captioners") if captioner.strip() else None,
-        reward_model=getattr(reward_model, "source", None) if reward_model is not None else None,
+        reward_model=getattr(reward_model, "source", None),  # where the loader read it: the trainer loads it again
         steps=steps, rank=rank, lr=lr, resolution=resolution, sampling_steps=sampling_steps, batch_size=batch_size,
-        validate_every=validate_every, seed=seed,
-        resume=resume, overwrite=overwrite,
+        validate_every=validate_every, seed=seed, resume=resume, overwrite=overwrite,
         device="cpu" if comfy.model_management.get_torch_device().type == "cpu" else "auto",
         run_root=os.path.join(folder_paths.get_output_directory(), RUNS_FOLDER),
         loras_dir=folder_paths.get_folder_paths("loras")[0],
@@ -181,7 +181,9 @@ class _Reporter:
 
 
 def _plotted(scalars: dict) -> dict[str, float]:
-    return {k: float(v) for k, v in scalars.items() if k in PLOTTED}
+    """The plotted scalars of a metrics row; a non-finite one is left out (JSON has no NaN)."""
+    return {k: float(v) for k, v in scalars.items()
+            if k in PLOTTED and isinstance(v, (int, float)) and math.isfinite(v)}
 
 
 def _cancel_requested() -> bool:
@@ -330,7 +332,8 @@ class TrainLoRA:
 
             model, clip = comfy.sd.load_lora_for_models(model, clip, load_tensors(result.lora_path, "LoRA"), 1.0, 1.0)
         history = [{"step": row["step"], **_plotted(row)} for row in result.history]
-        ui = {"longalign_train": [json.dumps({"history": history, "total": report.total, "message": message})],
+        ui = {"longalign_train": [json.dumps({"history": history, "total": report.total, "message": message},
+                                             allow_nan=False)],
               "images": _output_image(result.samples[-1] if result.samples else None)}
         return {"ui": ui, "result": (name, model if model is not None else _blocked("model"),
                                      clip if clip is not None else _blocked("clip"))}
