@@ -53,10 +53,12 @@ def test_the_template_trains_with_progress_and_a_live_plot_then_samples_with_the
     page.evaluate("""([names, train, trainId]) => {
         for (const node of app.graph.nodes)
             for (const w of node.widgets ?? []) {
-                const values = node.id === trainId ? {...names, ...train} : names;
+                const values = String(node.id) === String(trainId) ? {...names, ...train} : names;
                 if (w.name in values) w.value = values[w.name];
             }
     }""", [names, train, TRAIN_NODE])
+    prompt = page.evaluate("async () => (await app.graphToPrompt()).output")
+    assert {k: prompt[str(TRAIN_NODE)]["inputs"][k] for k in train} == train  # what will be queued
     page.evaluate("async () => { await app.queuePrompt(0, 1); }")
 
     # while it trains: ComfyUI's progress bar on the node, the plot growing
