@@ -37,6 +37,8 @@ CAPTIONERS = "captioners"
 PLOTTED = ("loss", "reward")
 PREVIEW_PIXELS = 512
 MAX_PROMPTS_FILE = 16 * 2**20
+LORA_SUFFIX = ".safetensors"
+"""Added to lora_name by the job; a name given with it is taken without it."""
 INPUT_NAMES = {"name": "lora_name", "checkpoint": "ckpt_name"}
 """:class:`JobRequest` fields whose node input has another name."""
 
@@ -117,7 +119,7 @@ def build_request(ckpt_name: str, stage: str, prompts: str, steps: int, rank: in
     return JobRequest(
         checkpoint=_resolve(ckpt_name, "checkpoint", folder_paths.get_folder_paths("checkpoints"),
                             "an SD1.5 or SDXL checkpoint in models/checkpoints"),
-        stage=stage, name=lora_name, prompts=_prompts(prompts, prompts_file),
+        stage=stage, name=lora_name.removesuffix(LORA_SUFFIX), prompts=_prompts(prompts, prompts_file),
         image_folder=_resolve(image_folder.strip(), "image_folder", input_dir,
                               "a folder of images with .txt captions in ComfyUI's input folder")
         if image_folder.strip() else None,
@@ -239,8 +241,8 @@ class TrainLoRA:
                                        "tooltip": f"Training resolution in pixels (square, a multiple of 8); {zero}."}),
                 "lora_name": ("STRING", {
                     "default": "longalign_reward",
-                    "tooltip": "The new LoRA's file name in models/loras (.safetensors is added): a plain name, no "
-                               "folders. Its run (log, checkpoints, validation images) is in "
+                    "tooltip": "The new LoRA's file name in models/loras (.safetensors is added if missing): a plain "
+                               "name, no folders. Its run (log, checkpoints, validation images) is in "
                                "output/longalign_runs/<lora_name>."}),
                 "resume": ("BOOLEAN", {"default": False, "tooltip": "Continue this lora_name's run from its latest "
                                                                      "checkpoint, e.g. after Cancel (same inputs)."}),

@@ -54,6 +54,7 @@ def test_the_prompts_and_the_prompt_file_make_one_list(train_module, folders):
     assert request.prompts == ["A red circle.", "A blue square.", "A cat on a mat.", "A dog in the fog."]
     assert request.checkpoint == os.path.join(str(folders["checkpoints"]), "sd15_keys.safetensors")
     assert request.name == "refused_lora" and request.reward_model is None and request.device in ("cpu", "auto")
+    assert train_module.build_request(**_inputs(lora_name="mine.safetensors")).name == "mine"  # as LoraLoader lists it
 
 
 @pytest.mark.parametrize("input_name, changes", [
