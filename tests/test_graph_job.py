@@ -358,14 +358,15 @@ def _stand_in(monkeypatch, code: str) -> None:
 
 def test_a_crashing_child_raises_job_failed_with_its_traceback(trainable_sd15_checkpoint, reward_model, tmp_path,
                                                                monkeypatch):
-    _stand_in(monkeypatch, "print('loading', flush=True)\nraise RuntimeError('out of memory in the UNet')")
+    _stand_in(monkeypatch, "import os\nprint('loading', os.environ['LONGALIGN_PARENT_PID'] == str(os.getppid()), "
+                           "flush=True)\nraise RuntimeError('out of memory in the UNet')")
     req = request(trainable_sd15_checkpoint, (str(tmp_path / "runs"), str(tmp_path / "loras")), "crash",
                   reward_model=reward_model)
     with pytest.raises(JobFailed) as failed:
         run_job(req, Recorder(), lambda: False, poll_s=0.05)
     assert failed.value.returncode == 1
     assert str(failed.value).startswith("training failed: RuntimeError: out of memory in the UNet\n--- last lines of ")
-    assert "loading\nTraceback (most recent call last):" in str(failed.value)
+    assert "loading True\nTraceback (most recent call last):" in str(failed.value)  # it knows whom to watch
     assert not os.path.exists(req.loras_dir) or not os.listdir(req.loras_dir)
 
 
@@ -428,3 +429,41 @@ def test_a_lora_file_that_appears_while_the_job_runs_is_left_alone(trainable_sd1
     with open(req.lora_path, "rb") as f:
         assert f.read() == b"user"
     assert os.listdir(req.loras_dir) == [os.path.basename(req.lora_path)]  # no staging copy left behind
+
+
+ORPHAN = """
+import os, time
+from training.interrupts import PARENT_PID_ENV, StopRequest, watch_parent
+with StopRequest() as stop:
+    watch_parent(int(os.environ[PARENT_PID_ENV]), poll_s=0.05)
+    print("watching", flush=True)
+    while stop.received is None:
+        time.sleep(0.05)
+print("stopped by", stop.received, flush=True)
+"""
+JOB = """
+import os, subprocess, sys, time
+log = open(sys.argv[1], "w")
+subprocess.Popen([sys.executable, "-c", sys.argv[2]], stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                 env={**os.environ, "LONGALIGN_PARENT_PID": str(os.getpid())})
+while "watching" not in open(sys.argv[1]).read():
+    time.sleep(0.05)
+os._exit(0)  # the job's process dies (a server stopped or crashed) while its trainer runs
+"""
+
+
+def test_a_trainer_whose_job_dies_stops_as_on_sigterm(tmp_path):
+    """The trainer's parent watch (run by every job's child): the job's process dies, the trainer gets
+    the SIGTERM that makes it checkpoint and exit (here: the same handler, reporting what it received)."""
+    import subprocess
+    import sys
+    import time
+
+    from comfy_inprocess import REPO
+
+    log = tmp_path / "orphan.log"
+    subprocess.run([sys.executable, "-c", JOB, str(log), ORPHAN], cwd=REPO, timeout=120, check=True)
+    deadline = time.monotonic() + 60
+    while "stopped by" not in log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert log.read_text().splitlines()[-1] == "stopped by SIGTERM"

@@ -15,6 +15,9 @@ request with ``resume`` continues the run. Checkpoints are also written at the s
 (``run.save_every``) and at the end. When the child ends well, its LoRA is copied atomically to
 ``loras_dir/<name>.safetensors``, never over an existing file unless ``resume`` or ``overwrite`` asks.
 
+The child watches the job's process (:func:`.interrupts.watch_parent`): if it dies (the server stopped
+or crashed), the trainer stops as on Cancel, with a checkpoint.
+
 A lock in the run folder (``flock``, held by the job and inherited by the child) refuses a second
 live job on the same name from any process; a lock file left by a process that died holds no lock
 and is taken over.
@@ -717,7 +720,10 @@ def _run_locked(req: JobRequest, lock: RunLock, on_event, should_cancel, poll_s:
         log_start = log.tell()
         log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(command)}\n".encode("utf-8"))
         log.flush()
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+        from .interrupts import PARENT_PID_ENV
+
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
+               PARENT_PID_ENV: str(os.getpid())}  # the trainer stops (checkpoint) if this process dies
         kwargs: dict[str, Any] = {} if os.name == "nt" else {"start_new_session": True, "pass_fds": (lock.fd,)}
         proc = subprocess.Popen(command, cwd=pack_root(), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                 env=env, **kwargs)

@@ -13,11 +13,15 @@ import os
 import signal
 import sys
 import threading
+import time
 from types import FrameType
 
 import torch
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
+PARENT_PID_ENV = "LONGALIGN_PARENT_PID"
+"""Set by a program that runs the trainer as its child (``training/graph_job.py``): the trainer watches
+that process (:func:`watch_parent`) and stops as on SIGTERM when it dies."""
 
 
 class StoppedInSetup(Exception):
@@ -68,3 +72,18 @@ class StopRequest:
             return self.received is not None
         flag = torch.tensor([1.0 if self.received is not None else 0.0], device=accelerator.device)
         return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+
+
+def watch_parent(pid: int, poll_s: float = 1.0) -> threading.Thread:
+    """Send this process SIGTERM once it no longer is ``pid``'s child (that process died: e.g. the ComfyUI
+    server that started the job stopped or crashed), so the run ends as on SIGTERM: the step finishes, a
+    checkpoint is written, the process exits (no trainer goes on alone). A daemon thread."""
+    def watch() -> None:
+        while os.getppid() == pid:
+            time.sleep(poll_s)
+        print(f"[train] the process that started this run ({pid}) is gone: stopping", file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    thread = threading.Thread(target=watch, name="longalign-parent-watch", daemon=True)
+    thread.start()
+    return thread

@@ -39,7 +39,7 @@ from . import run_state
 from .config import TrainConfig
 from .data import (DataError, ImageCaptionDataset, PromptDataset, collate, read_records,
                    warn_if_batch_exceeds_data)
-from .interrupts import StoppedInSetup, StopRequest
+from .interrupts import PARENT_PID_ENV, StoppedInSetup, StopRequest, watch_parent
 from .lora import add_lora, kohya_state_dict, merge_kohya_lora
 from .lora_format import load_reference_lora
 from .models import load_components
@@ -497,6 +497,8 @@ def train(cfg: TrainConfig, build_run, argv: list[str] | None = None) -> str:
     trainer = Trainer(cfg, build_run, start, identity)
     argv = sys.argv[1:] if argv is None else argv
     with StopRequest(stop_in_setup=int(os.environ.get("WORLD_SIZE", "1")) == 1) as stop:
+        if os.environ.get(PARENT_PID_ENV):  # run by a job (training/graph_job.py): stop if it dies
+            watch_parent(int(os.environ[PARENT_PID_ENV]))
         try:
             trainer.setup()
             trainer.resume()
