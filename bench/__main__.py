@@ -17,7 +17,7 @@ import torch
 from .common import format_table
 
 SUITES = ["encode", "reward", "lora_load", "sampling", "train", "sdxl", "align", "mfu", "cli"]
-EXTRA_SUITES = ["sdxl_1024"]
+EXTRA_SUITES = ["train_low", "sdxl_1024"]
 """Run only when named with ``--only`` (GPU rows that take long)."""
 
 

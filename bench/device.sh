@@ -3,17 +3,23 @@
 # a time limit taken from what is left of BUDGET seconds (a suite cut short keeps the rows it printed
 # in log.txt). Rows and logs go to $OUT (the device tool's folder; /tmp/bench-out elsewhere).
 #
-#   bash bench/device.sh [BUDGET] [SUITE:CAP ...]      (default: 520 s, the suites below)
+#   bash bench/device.sh [BUDGET] [SUITE:CAP ...]      (default: 480 s, the suites below)
 #
 # BENCH_ARGS is added to every bench command (BENCH_ARGS=--quick checks this script on a CPU).
+#
+# Costs seen on one H200 (2026-11-30, bench/RESULTS.md): the machine's start took about 390 s of a
+# 900 s session; in the train suite's 260 s slot the imports, the reference measurement (3 steps of
+# 7.3 s) and the fast mode's first step, which compiles its UNet calls, did not all finish (align's
+# 130 s likewise). So a 15-minute session has room for the train suite alone: give it all that is
+# left (bash bench/device.sh 480).
 # The device machine has torch, transformers and accelerate but not diffusers, peft or open_clip:
 # their wheels travel in .whl/ (pip download ... -d .whl, see the device README), and ComfyUI's T5
 # tokenizer files (all the bench reads from ComfyUI in these suites) in .devrun/comfyui/.
 set -u
-budget=${1:-520}
+budget=${1:-480}
 shift || true
 plan=("$@")
-[ ${#plan[@]} -gt 0 ] || plan=(train:250 align:130 sdxl:140 mfu:80 sdxl_1024:120)
+[ ${#plan[@]} -gt 0 ] || plan=(train:470 align:200 sdxl:200 mfu:150 train_low:200 sdxl_1024:150)
 start=$(date +%s)
 out=${OUT:-/tmp/bench-out}
 mkdir -p "$out"
@@ -22,6 +28,7 @@ log="$out/log.txt"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   || { echo "[device] wheel install failed" | tee -a "$log"; exit 1; }
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 LONGALIGN_COMFYUI="$PWD/.devrun/comfyui"
+export TORCH_LOGS=${TORCH_LOGS-recompiles,graph_breaks}  # why a compile takes long shows in log.txt
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm,power.limit --format=csv
   python3 -c "import torch, diffusers, peft, transformers, accelerate; print('torch', torch.__version__, 'diffusers', \
