@@ -128,6 +128,7 @@ def test_a_damaged_table_is_refused(tmp_path, damage):
         sd15_reference_order(str(path))
 
 
+@pytest.mark.comfyui  # ComfyUI's loaders in-process: rerun on every ComfyUI version
 def test_comfyui_detected_configs_give_the_same_layers(comfy, tiny_sd15_checkpoint):
     """ComfyUI's LDM-style unet_config (what a loaded MODEL carries) maps back to the same layers,
     for SD1.5 and for the tiny test checkpoint, and every kohya name is one ComfyUI maps."""
@@ -169,6 +170,7 @@ def _merged_diffusers(unet, lists) -> dict[str, torch.Tensor]:
     return out
 
 
+@pytest.mark.comfyui  # ComfyUI's loaders in-process: rerun on every ComfyUI version
 def test_longsd_loader_merge_equals_diffusers_merge_layer_by_layer(comfy, pack, tiny_sd15_checkpoint, tiny_lists):
     """Alignment then reward list, loaded by the node and patched by ComfyUI, equals merging both
     into the diffusers UNet directly, for every one of the targeted layers; other weights untouched."""
@@ -203,6 +205,7 @@ def test_longsd_loader_merge_equals_diffusers_merge_layer_by_layer(comfy, pack, 
     assert torch.equal(model.model.diffusion_model.state_dict()[key], before[key])  # input model unpatched
 
 
+@pytest.mark.comfyui  # ComfyUI's loaders in-process: rerun on every ComfyUI version
 def test_strength_scales_the_delta(comfy, pack, tiny_sd15_checkpoint, tiny_lists):
     import comfy.sd
 
@@ -311,6 +314,7 @@ def test_other_objects_are_refused(tmp_path):
             load_reference_lora(str(path), TINY_UNET_CONFIG)
 
 
+@pytest.mark.comfyui  # ComfyUI's loaders in-process: rerun on every ComfyUI version
 def test_safetensors_lora_for_another_model_is_refused(comfy, pack, tiny_sd15_checkpoint, tmp_path):
     """An SDXL-named safetensors LoRA matches no layer of the SD1.5 model: refused, not skipped."""
     import comfy.sd

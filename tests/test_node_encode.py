@@ -5,6 +5,8 @@ import torch
 
 from training.encode import SegmentOptions, encode_long_prompts
 
+pytestmark = pytest.mark.comfyui  # the node on ComfyUI's CLIP in-process: rerun on every ComfyUI version
+
 LONG = (
     "A “weathered” lighthouse stands on a cliff above a stormy sea. Waves crash against black rocks — "
     "spray rising high! Seagulls circle the lamp; its beam cuts through fog. A small red fishing boat, "
@@ -110,7 +112,6 @@ def test_short_rows_leave_comfyui_clip_as_it_was_even_on_error(pack, tiny_clip_p
     assert _position_modules(clip) == before
 
 
-@pytest.mark.comfyui
 def test_node_loads_the_clip_as_often_as_the_stock_node(node, tiny_clip_pair, monkeypatch):
     """Counted at the CLIP object's own ``load_model`` (patch and place the weights), which every
     ComfyUI version's ``encode_from_tokens`` calls, whatever model-management function it uses."""

@@ -8,6 +8,8 @@ import os
 import pytest
 import torch
 
+pytestmark = pytest.mark.comfyui  # the nodes in-process in ComfyUI: rerun on every ComfyUI version
+
 
 @pytest.fixture
 def empty_reward_models(pack, tmp_path, monkeypatch):

@@ -12,6 +12,8 @@ import torch
 from tiny_models import PROMPTS, build_tiny_clipmodel
 from training.reward_models import load_reward_model
 
+pytestmark = pytest.mark.comfyui  # the nodes in-process in ComfyUI: rerun on every ComfyUI version
+
 
 @pytest.fixture(scope="module")
 def paths_module(pack):
