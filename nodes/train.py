@@ -1,7 +1,8 @@
 """LongAlign Train LoRA: trains a LoRA from the graph.
 
-Glue over :mod:`training.graph_job`, which runs the bundled trainer as a child process with
-ComfyUI's own Python (training never shares the server's process). This node resolves its inputs
+Glue over :mod:`training.job_request` (the request and its checks) and :mod:`training.graph_job`,
+which runs the bundled trainer as a child process with ComfyUI's own Python (training never shares
+the server's process). This node resolves its inputs
 inside ComfyUI's folders (:mod:`.paths`), frees ComfyUI's loaded models, turns the job's events into
 ComfyUI's progress bar (the latest validation image as its preview) and a ``longalign.train``
 message for the plot on the node (``web/js/train_plot.js``), maps ComfyUI's Cancel to the job's
@@ -19,10 +20,8 @@ import logging
 import math
 import os
 
-from ..training.graph_job import (
-    STAGES, JobCancelled, JobFailed, JobInputError, JobRequest, Progress, Sample, check_request, run_job,
-    stage_defaults,
-)
+from ..training.graph_job import JobCancelled, JobFailed, Progress, Sample, run_job
+from ..training.job_request import STAGES, JobInputError, JobRequest, check_request, stage_defaults
 from ..training.safe_io import load_tensors
 from .paths import PathRefused, resolve_in
 

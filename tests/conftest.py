@@ -90,7 +90,7 @@ def install_checkpoint(checkpoint: str, folder: str, name: str = "tiny_sd15_trai
     models folders) and a copy of its ``<name>.config/`` sidecar into ``folder`` as ``name``; returns its path."""
     import shutil
 
-    from training.graph_job import sidecar_config_dir
+    from training.job_request import sidecar_config_dir
 
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, name)

@@ -1,7 +1,7 @@
-"""Train from the graph (training/graph_job.py): a job runs the real trainer as a child process on the
-tiny checkpoint ComfyUI also loads, reports every step and validation image, publishes the LoRA into
-the LoRA folder, stops cleanly on cancel and continues to the uninterrupted run's LoRA on resume; bad
-input is refused by name before anything is written."""
+"""Train from the graph (training/graph_job.py, job_request.py, job_lock.py): a job runs the real
+trainer as a child process on the tiny checkpoint ComfyUI also loads, reports every step and
+validation image, publishes the LoRA into the LoRA folder, stops cleanly on cancel and continues to
+the uninterrupted run's LoRA on resume; bad input is refused by name before anything is written."""
 from __future__ import annotations
 
 import json
@@ -13,9 +13,10 @@ import torch
 
 from trainer_helpers import make_image_folder
 from training import config as config_mod
-from training.graph_job import (CONFIG_FILE, LOCK_FILE, LORA_FILE, PROMPTS_FILE, JobCancelled, JobFailed,
-                                JobInputError, JobRequest, Progress, RunLock, Sample, check_request, run_job,
-                                settings, sidecar_config_dir, stage_defaults, write_config)
+from training.graph_job import CONFIG_FILE, LORA_FILE, JobCancelled, JobFailed, Progress, Sample, run_job
+from training.job_lock import LOCK_FILE, RunLock
+from training.job_request import (PROMPTS_FILE, JobInputError, JobRequest, check_request, settings, sidecar_config_dir,
+                                  stage_defaults, write_config)
 from training.safe_io import load_tensors
 
 PROMPTS = ["A red fox sits in the snow. The sky is grey; a pine forest stands behind it.",
@@ -253,7 +254,7 @@ def _fake_run(req: JobRequest, inputs: dict) -> None:
                                                 (dict(seed=3), "seed")])
 def test_a_resume_with_other_inputs_is_refused_naming_the_input(trainable_sd15_checkpoint, reward_model, tmp_path,
                                                                  change, input_name):
-    from training.graph_job import _inputs
+    from training.job_request import _inputs
 
     req = request(trainable_sd15_checkpoint, (str(tmp_path / "runs"), str(tmp_path / "loras")), "run",
                   reward_model=reward_model, resume=True)

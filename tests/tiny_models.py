@@ -108,9 +108,9 @@ def build_trainable_sd15_checkpoint(path: str, seed: int = 0) -> str:
     The file (LDM keys, fp16, ~450 MB): the one-level UNet of :func:`build_tiny_sd15_checkpoint`, the
     full ViT-L/14 text encoder, and a full-size SD1.5 KL-VAE (random weights; ComfyUI builds no other
     KL-VAE size). Beside it, ``<name>.config/`` holds the diffusers configs of what the file contains
-    (:data:`training.graph_job.CONFIG_SIDECAR`): SD1.5's shipped ones with this UNet's config, the
+    (:data:`training.job_request.CONFIG_SIDECAR`): SD1.5's shipped ones with this UNet's config, the
     convention by which any single file with a non-standard UNet trains from the graph."""
-    from training.graph_job import sidecar_config_dir
+    from training.job_request import sidecar_config_dir
 
     sd = _ldm_unet_state_dict(tiny_unet(seed))
     clip = tiny_clip_text_model(num_layers=12, seed=seed)
