@@ -254,11 +254,11 @@ def _fake_run(req: JobRequest, inputs: dict) -> None:
                                                 (dict(seed=3), "seed")])
 def test_a_resume_with_other_inputs_is_refused_naming_the_input(trainable_sd15_checkpoint, reward_model, tmp_path,
                                                                  change, input_name):
-    from training.job_request import _inputs
+    from training.job_request import recorded_inputs
 
     req = request(trainable_sd15_checkpoint, (str(tmp_path / "runs"), str(tmp_path / "loras")), "run",
                   reward_model=reward_model, resume=True)
-    _fake_run(req, _inputs(req))
+    _fake_run(req, recorded_inputs(req))
     check_request(req)
     req.steps = 10  # a longer run continues
     check_request(req)

@@ -35,8 +35,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Union
 
 from .job_lock import RunLock
-from .job_request import (JOB_FILE, PROMPTS_FILE, STAGE_RUNS, JobRequest, _inputs, _prompts, check_request, settings,
-                          write_config)
+from .job_request import (JOB_FILE, PROMPTS_FILE, STAGE_RUNS, JobRequest, check_request, recorded_inputs, request_prompts,
+                          settings, write_config)
 
 CONFIG_FILE = "job_config.yaml"
 LOG_FILE = "train.log"
@@ -221,9 +221,9 @@ def _run_locked(req: JobRequest, lock: RunLock, on_event, should_cancel, poll_s:
     total = values["run.max_steps"]
     if req.stage != "align":
         with atomic_open(os.path.join(run_dir, PROMPTS_FILE)) as f:
-            f.write("".join(p + "\n" for p in _prompts(req)))
+            f.write("".join(p + "\n" for p in request_prompts(req)))
     with atomic_open(os.path.join(run_dir, JOB_FILE)) as f:
-        json.dump({"written_by": "LongAlign Train LoRA", "inputs": _inputs(req), "config": CONFIG_FILE}, f, indent=1)
+        json.dump({"written_by": "LongAlign Train LoRA", "inputs": recorded_inputs(req), "config": CONFIG_FILE}, f, indent=1)
     write_config(os.path.join(run_dir, CONFIG_FILE), values)
     log_path = os.path.join(run_dir, LOG_FILE)
     lora_before = _signature(os.path.join(run_dir, LORA_FILE))

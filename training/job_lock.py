@@ -14,7 +14,7 @@ from .job_request import JobInputError
 LOCK_FILE = ".longalign-job.lock"
 
 
-def _lock_holder(run_dir: str) -> str | None:
+def lock_holder(run_dir: str) -> str | None:
     """Who holds the run folder's lock (its recorded process), or None when no live job does."""
     path = os.path.join(run_dir, LOCK_FILE)
     if not os.path.isfile(path):
@@ -80,7 +80,7 @@ class RunLock:
         if not _try_lock(fd):
             os.close(fd)
             raise JobInputError("name", f"a training job is already running on {os.path.dirname(self.path)} "
-                                        f"({_lock_holder(os.path.dirname(self.path)) or 'process unknown'}); wait for "
+                                        f"({lock_holder(os.path.dirname(self.path)) or 'process unknown'}); wait for "
                                         "it or cancel it")
         self.fd = fd
         self.record(f"job pid {os.getpid()}")

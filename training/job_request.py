@@ -199,12 +199,12 @@ def _check_prompts(req: JobRequest) -> None:
     for prompt in req.prompts:
         if not isinstance(prompt, str) or "\n" in prompt or "\r" in prompt:
             raise JobInputError("prompts", f"{str(prompt)[:60]!r}: each prompt must be one line of text")
-    if req.stage != "align" and not _prompts(req):
+    if req.stage != "align" and not request_prompts(req):
         raise JobInputError("prompts", f"no prompts; the {req.stage} stage trains from prompts: give one per line "
                                        "(or a text file in the input folder)")
 
 
-def _prompts(req: JobRequest) -> list[str]:
+def request_prompts(req: JobRequest) -> list[str]:
     """The request's prompts, stripped, empty ones dropped."""
     return [p.strip() for p in req.prompts if p.strip()]
 
@@ -237,9 +237,9 @@ def _check_sources(req: JobRequest) -> None:
                                              "config.json, model.safetensors, tokenizer files)")
 
 
-def _inputs(req: JobRequest) -> dict[str, Any]:
+def recorded_inputs(req: JobRequest) -> dict[str, Any]:
     """The request's inputs as recorded in the run folder (:data:`JOB_FILE`) and compared on resume."""
-    source, prompts = req.reward_model, _prompts(req)
+    source, prompts = req.reward_model, request_prompts(req)
     digest = hashlib.sha256("\n".join(prompts).encode("utf-8")).hexdigest()[:16]
     return {
         "checkpoint": os.path.abspath(req.checkpoint), "stage": req.stage,
@@ -280,7 +280,7 @@ def _check_run_folder(req: JobRequest) -> None:
     recorded = _read_job(run_dir)
     if recorded is None:
         return  # a run folder of the trainer's own: its checkpoint's identity is checked by the trainer
-    current = _inputs(req)
+    current = recorded_inputs(req)
     for key in RESUME_INPUTS:
         if key in recorded and recorded[key] != current[key]:
             raise JobInputError(key, f"resume: the run {req.name!r} was trained with {key} = {recorded[key]!r}, this "
@@ -298,7 +298,7 @@ def _read_job(run_dir: str) -> dict | None:
 
 def check_request(req: JobRequest) -> None:
     """Raise :class:`JobInputError` naming the first bad input; reads, never writes or starts anything."""
-    from .job_lock import _lock_holder  # here, not at the top: job_lock imports this module (JobInputError)
+    from .job_lock import lock_holder  # here, not at the top: job_lock imports this module (JobInputError)
 
     check_stage(req.stage)
     check_name(req.name)
@@ -319,7 +319,7 @@ def check_request(req: JobRequest) -> None:
         raise JobInputError("overwrite", "resume and overwrite are both on; resume continues the run, overwrite "
                                          "starts it over: choose one")
     _check_run_folder(req)
-    probe = _lock_holder(req.run_dir)
+    probe = lock_holder(req.run_dir)
     if probe is not None:
         raise JobInputError("name", f"a training job is already running on {req.run_dir} ({probe}); wait for it "
                                     "or cancel it")
@@ -352,7 +352,7 @@ def default_steps(req: JobRequest) -> int:
 
         count = len(read_records(req.image_folder, need_images=True))
     else:
-        count = len(_prompts(req))
+        count = len(request_prompts(req))
     batches = math.ceil(count / (req.batch_size or cfg.data.batch_size))
     return cfg.run.epochs * max(1, math.ceil(batches / cfg.run.grad_accum))
 
@@ -377,8 +377,8 @@ def settings(req: JobRequest) -> dict[str, Any]:
         out["comat.captioner"] = os.path.abspath(req.captioner)
     if req.stage == "align":
         out["data.path"] = os.path.abspath(req.image_folder)
-        if _prompts(req):
-            out["run.validation_prompts"] = _prompts(req)[:4]
+        if request_prompts(req):
+            out["run.validation_prompts"] = request_prompts(req)[:4]
     else:
         out["data.path"] = os.path.join(os.path.abspath(req.run_dir), PROMPTS_FILE)
     if req.rank:
