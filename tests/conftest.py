@@ -62,14 +62,19 @@ def pack(comfy):
     return load_pack()
 
 
+def built_once(file_name: str, build) -> str:
+    """``tiny_cache_dir()/file_name``, written by ``build(path)`` (atomically) the first time on this machine."""
+    path = os.path.join(tiny_cache_dir(), file_name)
+    if not os.path.isfile(path):
+        build(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_sd15_checkpoint(comfy) -> str:
     from tiny_models import build_tiny_sd15_checkpoint
 
-    path = os.path.join(tiny_cache_dir(), "tiny_sd15_v2.safetensors")
-    if not os.path.isfile(path):
-        build_tiny_sd15_checkpoint(path)
-    return path
+    return built_once("tiny_sd15_v2.safetensors", build_tiny_sd15_checkpoint)
 
 
 @pytest.fixture(scope="session")
@@ -79,10 +84,7 @@ def trainable_sd15_checkpoint(comfy) -> str:
     puts both into a models/checkpoints folder."""
     from tiny_models import build_trainable_sd15_checkpoint
 
-    path = os.path.join(tiny_cache_dir(), "tiny_sd15_trainable_v1.safetensors")
-    if not os.path.isfile(path):
-        build_trainable_sd15_checkpoint(path)
-    return path
+    return built_once("tiny_sd15_trainable_v1.safetensors", build_trainable_sd15_checkpoint)
 
 
 def install_checkpoint(checkpoint: str, folder: str, name: str = "tiny_sd15_train.safetensors") -> str:
@@ -114,10 +116,7 @@ def tiny_sdxl_checkpoint(comfy) -> str:
     """The SDXL-format file ComfyUI detects as SDXL (~1.9 GB: the full text encoders), built once per machine."""
     from tiny_models import build_tiny_sdxl_checkpoint
 
-    path = os.path.join(tiny_cache_dir(), "tiny_sdxl_detected_v1.safetensors")
-    if not os.path.isfile(path):
-        build_tiny_sdxl_checkpoint(path)
-    return path
+    return built_once("tiny_sdxl_detected_v1.safetensors", build_tiny_sdxl_checkpoint)
 
 
 @pytest.fixture(scope="session")
