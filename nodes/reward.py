@@ -249,7 +249,7 @@ MIN_SCORE_OFF = -10.0
 """``min_score`` at this value (its minimum) sets no threshold."""
 
 
-def _blocked(message: str | None):
+def blocked(message: str | None):
     """ComfyUI's ExecutionBlocker: the nodes fed by this output are skipped (``message`` None) or
     fail with ``message``."""
     from comfy_execution.graph_utils import ExecutionBlocker
@@ -259,7 +259,7 @@ def _blocked(message: str | None):
 
 def _pick_images(images: torch.Tensor, index: list[int]):
     """``images[index]``; an empty selection blocks the output (nothing to save or refine)."""
-    return images[torch.tensor(index, device=images.device, dtype=torch.long)] if index else _blocked(None)
+    return images[torch.tensor(index, device=images.device, dtype=torch.long)] if index else blocked(None)
 
 
 def check_latent_batch(latent, batch: int) -> None:
@@ -342,7 +342,7 @@ class RankByReward:
         chosen = _pick_images(images, data["chosen"])
         rejected = _pick_images(images, data["rejected"])
         if latent is None:
-            chosen_latent = _blocked("Rank By Reward: top_k_latent needs the latent input (the latents the images were decoded from)")
+            chosen_latent = blocked("Rank By Reward: top_k_latent needs the latent input (the latents the images were decoded from)")
         else:
-            chosen_latent = pick_latents(latent, data["chosen"]) if data["chosen"] else _blocked(None)
+            chosen_latent = pick_latents(latent, data["chosen"]) if data["chosen"] else blocked(None)
         return {"ui": {"text": [ranking]}, "result": (ranked, chosen, ranking, rejected, chosen_latent)}

@@ -24,6 +24,7 @@ from ..training.graph_job import JobCancelled, JobFailed, Progress, Sample, run_
 from ..training.job_request import STAGES, JobInputError, JobRequest, check_request, stage_defaults
 from ..training.safe_io import load_tensors
 from .paths import PathRefused, resolve_in
+from .reward import blocked
 
 NODE = "LongAlign Train LoRA"
 EVENT = "longalign.train"
@@ -206,10 +207,9 @@ def _output_image(path: str | None) -> list[dict]:
     return [{"filename": name, "subfolder": folder, "type": "output"}]
 
 
-def _blocked(what: str):
-    from comfy_execution.graph_utils import ExecutionBlocker
-
-    return ExecutionBlocker(f"{NODE}: the {what} output needs the {what} input connected")
+def _unconnected(what: str):
+    """The ``what`` output blocked: its input is not connected."""
+    return blocked(f"{NODE}: the {what} output needs the {what} input connected")
 
 
 class TrainLoRA:
@@ -336,5 +336,5 @@ class TrainLoRA:
         ui = {"longalign_train": [json.dumps({"history": history, "total": report.total, "message": message},
                                              allow_nan=False)],
               "images": _output_image(result.samples[-1] if result.samples else None)}
-        return {"ui": ui, "result": (name, model if model is not None else _blocked("model"),
-                                     clip if clip is not None else _blocked("clip"))}
+        return {"ui": ui, "result": (name, model if model is not None else _unconnected("model"),
+                                     clip if clip is not None else _unconnected("clip"))}
